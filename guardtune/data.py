@@ -1,0 +1,247 @@
+"""Reading the image folders fine-tuning users already have, and writing digit folders.
+
+Four layouts are recognised, in this order (the first that applies wins):
+
+1. `metadata.jsonl` (Hugging Face imagefolder): one JSON object per line with `file_name` and a
+   caption column (`text` unless `caption_column` says otherwise).
+2. DreamBooth: every image in the folder, all captioned with `instance_prompt`.
+3. kohya class folders `<repeats>_<class name>/`: each image is seen `repeats` times per epoch;
+   its caption is a same-name `.txt` file if present, else the class name.
+4. Images with same-name `.txt` caption files.
+
+`scan_folder` validates everything up front (every image decodes and has a usable mode, every
+caption exists) and raises DataError naming the offending file, so a run never starts on bad
+data. `ImageCaptionDataset` turns the scan into tensors for the training recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from guardtune import atomic
+from guardtune.digits import load_digits, to_uint8
+from guardtune.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Modes that convert to RGB without guessing; 16-bit, float and CMYK images are refused.
+ACCEPTED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+_KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Example:
+    image_path: Path
+    caption: str
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """A validated training set: examples (repeats already expanded) and the layout found."""
+
+    root: Path
+    layout: str
+    examples: tuple[Example, ...]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def unique_images(self) -> int:
+        return len({e.image_path for e in self.examples})
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_image(path: Path) -> None:
+    """Decode the image fully; DataError naming the file if it is corrupt or of a bad mode."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: not a readable image ({error})") from error
+    if mode not in ACCEPTED_MODES:
+        raise DataError(
+            f"{path}: image mode {mode} is not supported",
+            hint=f"save it as one of {', '.join(ACCEPTED_MODES)}",
+        )
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        caption = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: caption file not readable ({error})") from error
+    if not caption:
+        raise DataError(f"{path}: caption file is empty")
+    return caption
+
+
+def _scan_metadata(root: Path, caption_column: str) -> list[Example]:
+    metadata = root / "metadata.jsonl"
+    examples = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{metadata}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict) or "file_name" not in record:
+            raise DataError(f"{where}: record has no 'file_name'")
+        caption = record.get(caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(
+                f"{where}: record has no caption in column '{caption_column}'",
+                hint="choose the column with --caption-column",
+            )
+        image_path = root / str(record["file_name"])
+        if not image_path.is_file():
+            raise DataError(f"{where}: names {record['file_name']}, which does not exist")
+        examples.append(Example(image_path, caption.strip()))
+    return examples
+
+
+def _scan_kohya(folders: list[Path]) -> list[Example]:
+    examples = []
+    for folder in folders:
+        match = _KOHYA_FOLDER.match(folder.name)
+        assert match is not None
+        repeats, class_name = int(match.group(1)), match.group(2).replace("_", " ").strip()
+        if repeats < 1:
+            raise DataError(f"{folder}: repeats must be at least 1")
+        images = _images_in(folder)
+        if not images:
+            raise DataError(f"{folder}: class folder has no images")
+        for image_path in images:
+            caption_file = image_path.with_suffix(".txt")
+            caption = _read_caption(caption_file) if caption_file.exists() else class_name
+            examples.extend([Example(image_path, caption)] * repeats)
+    return examples
+
+
+def scan_folder(
+    root: Path, caption_column: str = "text", instance_prompt: str | None = None
+) -> FolderScan:
+    """Find the layout of `root`, check every image and caption, return the examples."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    kohya_folders = sorted(p for p in root.iterdir() if p.is_dir() and _KOHYA_FOLDER.match(p.name))
+    if (root / "metadata.jsonl").is_file():
+        layout, examples = "metadata.jsonl", _scan_metadata(root, caption_column)
+    elif instance_prompt is not None:
+        if not instance_prompt.strip():
+            raise DataError("--instance-prompt is empty")
+        layout = "dreambooth"
+        examples = [Example(p, instance_prompt.strip()) for p in _images_in(root)]
+    elif kohya_folders:
+        layout, examples = "kohya", _scan_kohya(kohya_folders)
+    else:
+        layout = "captions"
+        examples = []
+        for image_path in _images_in(root):
+            caption_file = image_path.with_suffix(".txt")
+            if not caption_file.exists():
+                raise DataError(
+                    f"{image_path}: no caption file {caption_file.name}",
+                    hint="add captions, a metadata.jsonl, or pass --instance-prompt",
+                )
+            examples.append(Example(image_path, _read_caption(caption_file)))
+    if not examples:
+        raise DataError(f"data folder {root} has no images", hint="add PNG or JPEG files")
+    for image_path in sorted({e.image_path for e in examples}):
+        check_image(image_path)
+    return FolderScan(root, layout, tuple(examples))
+
+
+def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
+    """RGB image to (3, R, R) in [-1, 1]: shorter side resized to R, then centre-cropped."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    width, height = rgb.size
+    scale = resolution / min(width, height)
+    if scale != 1.0:
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    left = (rgb.width - resolution) // 2
+    top = (rgb.height - resolution) // 2
+    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Pixel tensors and captions of a FolderScan, decoded once and kept in memory."""
+
+    def __init__(self, scan: FolderScan, resolution: int) -> None:
+        unique = sorted({e.image_path for e in scan.examples})
+        pixels = {p: load_image_tensor(p, resolution) for p in unique}
+        self.pixels = [pixels[e.image_path] for e in scan.examples]
+        self.captions = [e.caption for e in scan.examples]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.pixels[index], self.captions[index]
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    out: Path
+    classes: tuple[int, ...]
+    split: str
+    style: str
+    images: int
+    per_class: dict[int, int]
+
+
+def export_digits(
+    out: Path,
+    classes: tuple[int, ...],
+    split: str = "train",
+    style: str = "plain",
+    overwrite: bool = False,
+) -> ExportReport:
+    """Write real digits as PNG files plus metadata.jsonl, atomically, into `out`."""
+    from guardtune.digits import prompt_for
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"{out} already exists and is not empty", hint="pass --overwrite")
+    try:
+        digits = load_digits(classes, split, style)
+    except ValueError as error:
+        raise DataError(str(error)) from error
+    pixels = to_uint8(digits.images)
+    records = []
+    counters: dict[int, int] = {}
+    with atomic.staged_dir(out) as staging:
+        rows = zip(pixels, digits.labels.tolist(), digits.source_index.tolist(), strict=True)
+        for array, label, source_index in rows:
+            index = counters.get(label, 0)
+            counters[label] = index + 1
+            name = f"{label}_{split}_{index:04d}.png"
+            Image.fromarray(array).save(staging / name)
+            records.append(
+                {
+                    "file_name": name,
+                    "text": prompt_for(label),
+                    "label": label,
+                    "source_index": source_index,  # row in sklearn's digits, to audit splits
+                }
+            )
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        (staging / "metadata.jsonl").write_text(lines, encoding="utf-8")
+    return ExportReport(out, classes, split, style, len(records), dict(sorted(counters.items())))

@@ -1,0 +1,1 @@
+"""Enforcement of freeze policies on loaded models (freezing, guards); filled by later issues."""

@@ -1,0 +1,55 @@
+"""The guard: proof, during and after training, that no frozen tensor changed.
+
+`FrozenDigests` holds the digest and stored dtype of every frozen tensor, taken from the
+verified policy and the model's safetensors headers. `check` re-hashes the live tensors (cast
+back to the stored dtype, which is exact for the upcast weights training uses) and raises
+IntegrityError (exit 7) naming the first tensor that differs. The recipe calls it at every
+checkpoint and before it writes any output; `audit` calls it on derivatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from guardtune.errors import IntegrityError
+from guardtune.fingerprint import TORCH_TO_SAFETENSORS, TensorRecord, tensor_digest
+
+_SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in TORCH_TO_SAFETENSORS.items()}
+
+
+@dataclass(frozen=True)
+class FrozenDigests:
+    """Fully qualified name -> (stored safetensors dtype, sha256-tensor-v1 digest)."""
+
+    entries: dict[str, tuple[str, str]]
+
+    @classmethod
+    def from_policy(
+        cls, frozen: tuple[str, ...], digests: dict[str, str], records: dict[str, TensorRecord]
+    ) -> FrozenDigests:
+        return cls({name: (records[name].dtype, digests[name]) for name in frozen})
+
+    def check(self, module: nn.Module, component: str = "unet") -> int:
+        """IntegrityError if any frozen tensor of `module` differs; return how many were checked."""
+        state = dict(module.named_parameters())
+        prefix = f"{component}."
+        checked = 0
+        for name, (dtype_code, expected) in sorted(self.entries.items()):
+            if not name.startswith(prefix):
+                continue
+            local = name[len(prefix) :]
+            tensor = state.get(local)
+            if tensor is None:
+                raise IntegrityError(f"frozen tensor {name} is missing from the model")
+            stored = tensor.detach().to("cpu", _SAFETENSORS_TO_TORCH[dtype_code]).contiguous()
+            raw = stored.reshape(-1).view(torch.uint8).numpy()
+            if tensor_digest(name, dtype_code, tuple(stored.shape), raw.data) != expected:
+                raise IntegrityError(
+                    f"frozen tensor {name} changed during training",
+                    hint="nothing was written; report this, it is a bug or tampering",
+                )
+            checked += 1
+        return checked

@@ -1,0 +1,103 @@
+"""Sampling images from a pipeline and writing them as a grid and as single files.
+
+Called by `guardtune generate` and the demo. Sampling is seeded with one torch.Generator on the
+pipeline's device, so the same seed, prompt and settings give the same images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from guardtune import atomic
+from guardtune.errors import DataError
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    prompt: str
+    num: int
+    steps: int
+    seed: int
+    guidance: float
+    grid: Path
+    files: tuple[Path, ...]
+    seconds: float
+
+
+@torch.no_grad()
+def sample(
+    pipeline,
+    prompt: str,
+    num: int = 8,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    guidance: float = DEFAULT_GUIDANCE,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    if num < 1 or steps < 1:
+        raise DataError("--num and --steps must be at least 1")
+    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+    output = pipeline(
+        [prompt] * num,
+        negative_prompt=[negative_prompt] * num if negative_prompt else None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+    )
+    return list(output.images)
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:
+    """Tile images row by row (a near-square grid unless `columns` is given)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    return grid
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def generate_to_files(
+    pipeline,
+    prompt: str,
+    out: Path,
+    num: int = 8,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    guidance: float = DEFAULT_GUIDANCE,
+    out_dir: Path | None = None,
+    scale: int = 1,
+) -> GenerateResult:
+    """Sample, then write the grid to `out` (and `num` single PNGs to `out_dir`)."""
+    import time
+
+    if out.suffix.lower() != ".png":
+        raise DataError(f"--out {out} must end in .png")
+    start = time.perf_counter()
+    images = sample(pipeline, prompt, num, steps, seed, guidance)
+    save_png(make_grid(images, scale=scale), out)
+    files: list[Path] = []
+    if out_dir is not None:
+        for index, image in enumerate(images):
+            files.append(out_dir / f"{index:04d}.png")
+            save_png(image, files[-1])
+    seconds = time.perf_counter() - start
+    return GenerateResult(prompt, num, steps, seed, guidance, out, tuple(files), seconds)
