@@ -8,24 +8,17 @@ line and the error's exit code; anything else is a bug (exit 1). `--debug` shows
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-# Offline by construction, and quiet: these must be set before transformers/diffusers load.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+import typer
+from rich.console import Console
+from rich.table import Table
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from guardtune import __version__, atomic  # noqa: E402
-from guardtune.errors import DataError, ExitCode, GuardtuneError  # noqa: E402
+from guardtune import __version__, atomic
+from guardtune.errors import DataError, ExitCode, GuardtuneError
 
 app = typer.Typer(
     help="Freeze-policy guarded fine-tuning for text-to-image diffusion models.",
@@ -208,14 +201,19 @@ def generate(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
     out_dir: Annotated[Path | None, typer.Option(help="Also write each image here.")] = None,
     scale: Annotated[int, typer.Option(min=1, help="Enlarge the grid by this factor.")] = 1,
+    lora: Annotated[
+        Path | None, typer.Option(help="A LoRA file (or its folder) from `finetune --lora`.")
+    ] = None,
     json_path: JsonOption = None,
 ) -> None:
     """Sample images from a model and write a PNG grid."""
-    from guardtune.generate import generate_to_files
+    from guardtune.generate import generate_to_files, load_lora
     from guardtune.models import load_pipeline
 
     def action():
         pipeline = load_pipeline(model, model_config)
+        if lora is not None:
+            load_lora(pipeline, lora)
         return generate_to_files(pipeline, prompt, out, num, steps, seed, guidance, out_dir, scale)
 
     def render(result) -> None:
@@ -415,6 +413,121 @@ def policy_show(
     run_command(lambda: describe_policy(policy, model, model_config, plot), json_path, render)
 
 
+# ----------------------------------------------------------------------------- finetune
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.0f} MiB"
+
+
+def render_savings(report) -> None:
+    """The savings report: measured frozen vs unfrozen, then the analytic breakdown."""
+    table = Table(title="What freezing saved (measured, same configuration)", title_justify="left")
+    for column in ("", "frozen (this run)", "nothing frozen", "saving"):
+        table.add_column(column, justify="right" if column else "left")
+    memory = report.peak_memory_bytes
+    times = report.step_time_s
+    table.add_row("peak memory", _mib(memory["frozen"]), _mib(memory["unfrozen"]),
+                  f"{report.memory_saving:.1%}")  # fmt: skip
+    table.add_row("median step time", f"{times['frozen'] * 1000:.0f} ms",
+                  f"{times['unfrozen'] * 1000:.0f} ms", f"{report.time_saving:.1%}")  # fmt: skip
+    for name, values in report.analytic_bytes.items():
+        saved = values["unfrozen"] - values["frozen"]
+        label = f"  {name.replace('_', ' ')}"
+        saved_text = _mib(saved) if saved else ""
+        table.add_row(label, _mib(values["frozen"]), _mib(values["unfrozen"]), saved_text)
+    out_console.print(table)
+    out_console.print(
+        f"frozen: {report.frozen_tensors}/{report.total_tensors} tensors, "
+        f"{report.frozen_params:,}/{report.total_params:,} parameters; memory measured as "
+        f"{report.measurement}; growth over the loaded model saved "
+        f"{report.training_memory_saving:.1%}"
+    )
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Training images (any layout of `data check`).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/finetune"),
+    model: ModelOption = "digits",
+    model_config: ModelConfigOption = None,
+    policy: PolicyOption = None,
+    trusted: TrustedOption = None,
+    no_policy: Annotated[bool, typer.Option(help="Train a model that has no policy.")] = False,
+    lora: Annotated[
+        bool, typer.Option(help="Train LoRA adapters instead of full weights.")
+    ] = False,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (1e-5 full, 1e-4 LoRA).")] = None,
+    lr_scheduler: Annotated[str, typer.Option(help="constant, linear, cosine, ...")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 0,
+    resolution: Annotated[int | None, typer.Option(help="Training size (model's own).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option()] = False,
+    mixed_precision: Annotated[str, typer.Option(help="auto, no, bf16 or fp16.")] = "auto",
+    optimizer: Annotated[str, typer.Option(help="adamw or adamw8bit.")] = "adamw",
+    caption_column: Annotated[str, typer.Option()] = "text",
+    instance_prompt: Annotated[str | None, typer.Option(help="DreamBooth prompt.")] = None,
+    class_data: Annotated[Path | None, typer.Option(help="Prior-preservation images.")] = None,
+    class_prompt: Annotated[str | None, typer.Option(help="Prompt of the class images.")] = None,
+    prior_loss_weight: Annotated[float, typer.Option()] = 1.0,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps.")] = 0,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
+    compare: Annotated[
+        bool, typer.Option(help="Probe the unfrozen run to measure savings.")
+    ] = True,
+    report: Annotated[Path | None, typer.Option(help="Write the savings report JSON here.")] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Fine-tune under the model's verified freeze policy and report what freezing saved."""
+    from guardtune.train import TrainConfig
+    from guardtune.train import finetune as run_finetune
+
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, resolution=resolution, seed=seed,
+        lora=lora, rank=rank, snr_gamma=snr_gamma, prior_loss_weight=prior_loss_weight,
+        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+        optimizer=optimizer, checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+
+    # Under `accelerate launch` every rank runs this command; only rank 0 reports and writes.
+    main_rank = os.environ.get("RANK", "0") == "0"
+
+    def action():
+        result = run_finetune(
+            data, out, model, model_config, policy, tuple(trusted or ()), no_policy, config,
+            caption_column, instance_prompt, class_data, class_prompt, resume, compare,
+        )  # fmt: skip
+        if report is not None and result.savings is not None and main_rank:
+            atomic.write_json(report, jsonable(result.savings))
+        return result
+
+    def render(result) -> None:
+        if not main_rank:
+            return
+        trusted_by = f"signed by {result.signer_keyid[:16]}" if result.signer_keyid else ""
+        policy_row = (
+            f"{result.policy} ({trusted_by})" if result.policy else "[yellow]none (--no-policy)[/]"
+        )
+        rows = [("output", str(result.out)), ("mode", result.mode), ("policy", policy_row)]
+        resumed = f" (resumed at {result.resumed_from})" if result.resumed_from else ""
+        rows += [("steps", f"{result.steps}{resumed}")]
+        rows += [("final loss", f"{result.final_loss:.4f}")]
+        share = f"{result.freeze.frozen_share:.1%} of UNet parameters"
+        rows += [("frozen", f"{result.freeze.frozen_tensors} tensors, {share}")]
+        rows += [("processes", str(result.processes)), ("seconds", f"{result.seconds:.1f}")]
+        out_console.print(_table("Fine-tuned", rows))
+        if result.savings is not None:
+            render_savings(result.savings)
+
+    run_command(action, json_path if main_rank else None, render)
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -422,24 +535,42 @@ def policy_show(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("runs/demo"),
     samples: Annotated[int, typer.Option(min=1, help="Samples per digit.")] = 16,
+    steps: Annotated[int, typer.Option(min=0, help="Fine-tune steps (0: skip).")] = 150,
     json_path: JsonOption = None,
 ) -> None:
-    """The main job on the embedded default: export data, sample every digit, score it."""
+    """The main job on the embedded default: sample, fine-tune under the policy, compare."""
     from guardtune.demo import run_demo
 
-    def render(report) -> None:
-        table = Table(title="What the embedded model draws (digit classifier's verdict)")
+    def score_table(title: str, rows) -> Table:
+        table = Table(title=title, title_justify="left")
         table.add_column("digit")
         table.add_column("prompt")
         table.add_column("seen in pretraining")
         table.add_column("recognised", justify="right")
-        for row in report.rows:
+        for row in rows:
             seen = "yes" if row.pretrained else "[yellow]no[/]"
             table.add_row(str(row.digit), row.prompt, seen, f"{row.recognised:.2f}")
-        out_console.print(table)
-        out_console.print(f"grid: {report.grid}   data: {', '.join(map(str, report.data))}")
+        return table
 
-    run_command(lambda: run_demo(out, samples), json_path, render)
+    def render(report) -> None:
+        out_console.print(
+            score_table("What the embedded model draws (digit classifier)", report.rows)
+        )
+        out_console.print(f"grid: {report.grid}   data: {', '.join(map(str, report.data))}")
+        if report.finetune is not None:
+            result = report.finetune
+            out_console.print(
+                f"\nFine-tuned on {report.data[0]} for {result.steps} steps under "
+                f"{result.policy} (signed by {result.signer_keyid[:16]}): "
+                f"{result.freeze.frozen_tensors} tensors, {result.freeze.frozen_share:.1%} of UNet "
+                f"parameters frozen and bit-identical"
+            )
+            if result.savings is not None:
+                render_savings(result.savings)
+            out_console.print(score_table("After fine-tuning", report.after))
+            out_console.print(f"grid: {report.after_grid}")
+
+    run_command(lambda: run_demo(out, samples, finetune_steps=steps), json_path, render)
 
 
 def entry() -> None:

@@ -33,6 +33,18 @@ class GenerateResult:
     seconds: float
 
 
+def load_lora(pipeline, path: Path) -> None:
+    """Load a diffusers-format LoRA file (or the folder holding pytorch_lora_weights)."""
+    path = Path(path)
+    folder, weight_name = (path, None) if path.is_dir() else (path.parent, path.name)
+    if not path.exists():
+        raise DataError(f"LoRA file {path} does not exist")
+    try:
+        pipeline.load_lora_weights(str(folder), weight_name=weight_name)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise DataError(f"cannot load LoRA {path}: {str(error).splitlines()[0]}") from error
+
+
 @torch.no_grad()
 def sample(
     pipeline,

@@ -49,3 +49,10 @@ def test_demo_draws_base_digits_and_not_unseen_ones(runner, tmp_path):
     assert max(unseen) < 0.5
     assert (out / "samples.png").is_file()
     assert (out / "data" / "digits-7-9" / "metadata.jsonl").is_file()
+    # The fine-tune ran under the embedded model's own signed policy, with the savings probe.
+    tuned = report["finetune"]
+    assert tuned["policy"].endswith("guardtune-policy.json") and tuned["signer_keyid"]
+    assert tuned["freeze"]["frozen_tensors"] > 0
+    assert tuned["savings"]["frozen_params"] == tuned["freeze"]["frozen_params"]
+    assert {row["digit"] for row in report["after"]} == {7, 9}
+    assert (out / "finetune" / "model" / "guardtune-policy.json").is_file()

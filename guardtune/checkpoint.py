@@ -1,0 +1,120 @@
+"""Training checkpoints: atomic, self-verifying, and refused when corrupt or tampered.
+
+A checkpoint is a folder `checkpoints/step-NNNNNN/` written in one rename, holding the
+trainable tensors (`trainable.safetensors`), the optimizer and LR-scheduler state, and
+`state.json` with the step, the run's identity (config digest, base model root digest, policy
+digest) and the sha256 of every file. Loading re-hashes every file and checks the identity, so a
+checkpoint from another run, a corrupted file or an edited tensor is refused (exit 3), and a
+checkpoint that carries a frozen tensor is an integrity violation (exit 7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from guardtune import atomic
+from guardtune.errors import DataError, IntegrityError
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.json")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    run_identity: dict[str, str],
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step-NNNNNN atomically; keep only the newest `keep` checkpoints."""
+    target = folder / f"step-{step:06d}"
+    with atomic.staged_dir(target) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                  str(staging / "trainable.safetensors"))  # fmt: skip
+        torch.save(optimizer_state, staging / "optimizer.pt")
+        (staging / "scheduler.json").write_text(json.dumps(scheduler_state, sort_keys=True))
+        state = {
+            "step": step,
+            "run": run_identity,
+            "files": {name: _sha256(staging / name) for name in FILES},
+        }
+        (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_resume(folder: Path, resume: str) -> Path:
+    """'latest' or a checkpoint path to a checkpoint folder; DataError if there is none."""
+    if resume == "latest":
+        found = list_checkpoints(folder)
+        if not found:
+            raise DataError(f"--resume latest: no checkpoint in {folder}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise DataError(f"--resume {resume}: not a checkpoint folder")
+    return path
+
+
+def load_checkpoint(
+    path: Path, run_identity: dict[str, str], trainable_names: set[str], frozen: set[str]
+) -> Checkpoint:
+    """Load and check a checkpoint of this very run; refuse anything else."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        step, files, run = int(state["step"]), dict(state["files"]), dict(state["run"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"checkpoint {path} has no valid state.json ({error})") from error
+    for name in FILES:
+        if not (path / name).is_file() or _sha256(path / name) != files.get(name):
+            raise DataError(f"checkpoint {path}: {name} is corrupt or was modified; refusing it")
+    if run != run_identity:
+        changed = sorted(k for k in run_identity if run.get(k) != run_identity[k])
+        raise DataError(
+            f"checkpoint {path} is from another run ({', '.join(changed) or 'identity'} differs)",
+            hint="resume with the same model, policy, data and options",
+        )
+    trainable = load_file(str(path / "trainable.safetensors"))
+    smuggled = sorted(set(trainable) & frozen)
+    if smuggled:
+        raise IntegrityError(f"checkpoint {path} carries frozen tensor unet.{smuggled[0]}")
+    if set(trainable) != trainable_names:
+        raise DataError(f"checkpoint {path} does not hold this run's trainable tensors")
+    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    scheduler = json.loads((path / "scheduler.json").read_text())
+    return Checkpoint(step, trainable, optimizer, scheduler)
