@@ -41,6 +41,7 @@ class SavingsReport:
     frozen_params: int
     total_params: int
     peak_memory_bytes: dict[str, int]  # frozen / unfrozen
+    reserved_memory_bytes: dict[str, int]  # CUDA caching allocator's peak reserved (0 on CPU)
     step_time_s: dict[str, float]
     memory_saving: float
     time_saving: float
@@ -95,6 +96,10 @@ def measure_savings(spec: dict[str, Any], frozen: list[str], summary) -> Savings
         peak_memory_bytes={
             "frozen": frozen_probe.peak_memory_bytes,
             "unfrozen": unfrozen_probe.peak_memory_bytes,
+        },
+        reserved_memory_bytes={
+            "frozen": frozen_probe.reserved_memory_bytes,
+            "unfrozen": unfrozen_probe.reserved_memory_bytes,
         },
         step_time_s={"frozen": frozen_probe.step_time_s, "unfrozen": unfrozen_probe.step_time_s},
         memory_saving=1 - frozen_probe.peak_memory_bytes / unfrozen_probe.peak_memory_bytes,

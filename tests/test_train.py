@@ -282,3 +282,19 @@ def test_eight_bit_adamw_from_bitsandbytes(guarded, data, tmp_path):
                       show_progress=False)  # fmt: skip
     assert _frozen_unchanged(_unet_state(guarded), _unet_state(tmp_path / "run" / "model"))
     assert result.losses and all(loss == loss for loss in result.losses)  # no NaN
+
+
+def test_dreambooth_prior_preservation_snr_and_checkpointing(guarded, tmp_path):
+    instance = tmp_path / "instance"
+    classes = export_digits(tmp_path / "class", (3,), "test").out
+    export_digits(instance, (7,), "test")
+    (instance / "metadata.jsonl").unlink()  # a DreamBooth folder is just images
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-3, snr_gamma=5.0,
+                         gradient_checkpointing=True, prior_loss_weight=0.5)  # fmt: skip
+    result = finetune(instance, tmp_path / "run", str(guarded), config=config,
+                      instance_prompt="a photo of sks digit", class_data=classes,
+                      compare=False, show_progress=False)  # fmt: skip
+    assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
+    provenance = json.loads((tmp_path / "run" / PROVENANCE_FILE).read_text())
+    assert provenance["config"]["snr_gamma"] == 5.0
+    assert _frozen_unchanged(_unet_state(guarded), _unet_state(tmp_path / "run" / "model"))
