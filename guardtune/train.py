@@ -266,6 +266,7 @@ def finetune(
     if config.lora:
         from peft import LoraConfig
 
+        torch.manual_seed(config.seed)  # adapter initialisation is part of the reproducible run
         targets = lora_target_modules(unet, frozen)
         if not targets:
             raise DataError(

@@ -298,3 +298,15 @@ def test_dreambooth_prior_preservation_snr_and_checkpointing(guarded, tmp_path):
     provenance = json.loads((tmp_path / "run" / PROVENANCE_FILE).read_text())
     assert provenance["config"]["snr_gamma"] == 5.0
     assert _frozen_unchanged(_unet_state(guarded), _unet_state(tmp_path / "run" / "model"))
+
+
+def test_lora_run_resumes_to_the_same_adapter(guarded, data, tmp_path):
+    config = TrainConfig(steps=4, batch_size=2, lora=True, lr=1e-2, checkpoint_every=2)
+    finetune(data, tmp_path / "a", str(guarded), config=config, compare=False, show_progress=False)
+    finetune(data, tmp_path / "b", str(guarded), config=config, compare=False, show_progress=False)
+    (tmp_path / "b" / LORA_FILE).unlink()
+    resumed = finetune(data, tmp_path / "b", str(guarded), config=config, resume="latest",
+                       compare=False, show_progress=False)  # fmt: skip
+    assert resumed.resumed_from == 2
+    a, b = load_file(str(tmp_path / "a" / LORA_FILE)), load_file(str(tmp_path / "b" / LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
