@@ -413,6 +413,60 @@ def policy_show(
     run_command(lambda: describe_policy(policy, model, model_config, plot), json_path, render)
 
 
+# ----------------------------------------------------------------------------- publish
+
+
+@app.command()
+def publish(
+    illegal: Annotated[list[Path], typer.Option(help="Illegal-class data folder (repeatable).")],
+    legal: Annotated[list[Path], typer.Option(help="Legal data folder (repeatable).")],
+    key: Annotated[list[Path], typer.Option(help="Publisher's private key (repeatable).")],
+    ratio: Annotated[float, typer.Option(help="Share to freeze, p.")] = 0.3,
+    model: ModelOption = "digits",
+    model_config: ModelConfigOption = None,
+    method: Annotated[str, typer.Option(help="freezeasguard or random (random-p).")] = (
+        "freezeasguard"
+    ),
+    share_by: Annotated[str, typer.Option(help="Count p in parameters or tensors.")] = (
+        "parameters"
+    ),
+    relearn_steps: Annotated[int, typer.Option(min=0, help="Steps to get theta_ft.")] = 200,
+    steps: Annotated[int, typer.Option(min=1, help="Mask updates.")] = 150,
+    user_steps_per_update: Annotated[int, typer.Option(min=1, help="User steps per update.")] = 4,
+    user_lr: Annotated[float, typer.Option(help="Simulated user's learning rate.")] = 1e-5,
+    mask_lr: Annotated[float, typer.Option(help="Mask step size.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per half-batch.")] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="Policy file (default: in the model).")] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Learn which UNet tensors to freeze (FreezeAsGuard) and sign the policy."""
+    from guardtune.learn.freezeasguard import LearnerConfig
+    from guardtune.publish import publish as run_publish
+    from guardtune.signing import load_private_key
+
+    config = LearnerConfig(
+        ratio=ratio, share_by=share_by, relearn_steps=relearn_steps, rounds=steps,
+        user_steps=user_steps_per_update, user_lr=user_lr, mask_lr=mask_lr,
+        batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+
+    def action():
+        keys = [load_private_key(path) for path in key]
+        return run_publish(illegal, legal, keys, model, model_config, method, config, out)
+
+    def render(result) -> None:
+        rows = [("policy", str(result.policy)), ("method", result.method)]
+        rows += [("frozen tensors", str(result.frozen_tensors))]
+        rows += [("frozen parameters", f"{result.frozen_share_parameters:.1%}")]
+        rows += [("signed by", ", ".join(k[:16] for k in result.signers))]
+        rows += [("log", str(result.log)), ("curve", str(result.curve or "-"))]
+        rows += [("seconds", f"{result.seconds:.1f}")]
+        out_console.print(_table("Published policy", rows))
+
+    run_command(action, json_path, render)
+
+
 # ----------------------------------------------------------------------------- finetune
 
 

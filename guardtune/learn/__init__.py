@@ -1,0 +1,1 @@
+"""Mask learners for publishers: FreezeAsGuard's bilevel learner and the random baseline."""

@@ -1,0 +1,143 @@
+"""The publisher's recipe (`guardtune publish`): learn which tensors to freeze, sign the policy.
+
+load model -> encode illegal and legal data once -> learn the mask (FreezeAsGuard or random-p)
+-> bind the frozen list to the model's fingerprint -> sign with the publisher's key(s) -> write
+the policy (beside model_index.json by default), a JSON log and a learning-curve PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from guardtune import atomic
+from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
+from guardtune.errors import DataError
+from guardtune.learn.binarize import SHARE_BY, freeze_top, random_scores
+from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
+from guardtune.masks import build_policy, sign_policy_file
+from guardtune.models import load_pipeline, resolve_model
+from guardtune.policy import Provenance
+from guardtune.progress import track
+from guardtune.signing import PrivateKey, key_id
+from guardtune.train import EncodedData, data_digest
+from guardtune.verify import default_policy_path
+
+METHODS = ("freezeasguard", "random")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    policy: Path
+    method: str
+    frozen_tensors: int
+    frozen_share_parameters: float
+    frozen_share_tensors: float
+    signers: tuple[str, ...]
+    log: Path
+    curve: Path | None
+    seconds: float
+
+
+def _merge(scans: list[FolderScan]) -> FolderScan:
+    examples = tuple(e for scan in scans for e in scan.examples)
+    return FolderScan(scans[0].root, "+".join(sorted({s.layout for s in scans})), examples)
+
+
+def _plot_curve(history: list[RoundLog], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h.round for h in history]
+    figure, (losses, share) = plt.subplots(1, 2, figsize=(10, 3.6))
+    losses.plot(rounds, [h.illegal_loss for h in history], label="illegal loss", color="tab:red")
+    losses.plot(rounds, [h.legal_loss for h in history], label="legal loss", color="tab:green")
+    losses.set_xlabel("mask update")
+    losses.legend()
+    share.plot(rounds, [h.mask_share for h in history], color="tab:blue")
+    share.set_xlabel("mask update")
+    share.set_ylabel("share(m), continuous mask")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic.write_bytes(out, buffer.getvalue())
+
+
+def publish(
+    illegal: list[Path],
+    legal: list[Path],
+    keys: list[PrivateKey],
+    model: str = "digits",
+    model_config: Path | None = None,
+    method: str = "freezeasguard",
+    config: LearnerConfig | None = None,
+    out: Path | None = None,
+    caption_column: str = "text",
+    show_progress: bool = True,
+) -> PublishResult:
+    start = time.perf_counter()
+    config = config or LearnerConfig()
+    if method not in METHODS:
+        raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if config.share_by not in SHARE_BY or not 0 < config.ratio < 1:
+        raise DataError("--ratio must be in (0, 1) and --share-by parameters or tensors")
+    if not illegal or not legal:
+        raise DataError("publish needs at least one --illegal and one --legal data folder")
+    source = resolve_model(model, model_config)
+    target = out or default_policy_path(source)
+    illegal_scan = _merge([scan_folder(p, caption_column) for p in illegal])
+    legal_scan = _merge([scan_folder(p, caption_column) for p in legal])
+    torch.manual_seed(config.seed)
+    pipeline = load_pipeline(source, device=torch.device("cpu"), dtype=torch.float32)
+    unet = pipeline.unet
+    names = [n for n, _ in unet.named_parameters()]
+    numel = {n: p.numel() for n, p in unet.named_parameters()}
+    history: list[RoundLog] = []
+    if method == "random":
+        frozen = freeze_top(random_scores(names, config.seed), numel, config.ratio, config.share_by)
+    else:
+        from diffusers import DDPMScheduler
+
+        resolution = unet.config.sample_size * pipeline.vae_scale_factor
+        illegal_data = EncodedData(
+            pipeline, ImageCaptionDataset(illegal_scan, resolution), unet.device
+        )
+        legal_data = EncodedData(pipeline, ImageCaptionDataset(legal_scan, resolution), unet.device)
+        pipeline.vae.requires_grad_(False)
+        pipeline.text_encoder.requires_grad_(False)
+        scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        unet.train()
+        total = config.relearn_steps + config.rounds
+        with track("learn mask", total, enabled=show_progress) as report:
+            learned = learn_mask(unet, scheduler, illegal_data, legal_data, config, report)
+        frozen, history = learned.frozen, learned.history
+    hyperparameters = {k: v for k, v in dataclasses.asdict(config).items()}
+    datasets = {"illegal": data_digest(illegal_scan), "legal": data_digest(legal_scan)}
+    draft = build_policy(
+        source, [f"unet.{n}" for n in frozen], Provenance(method, hyperparameters, datasets)
+    )
+    sign_policy_file(draft.policy, keys, target)
+    log = target.with_name(target.stem + ".log.json")
+    atomic.write_json(log, {"policy_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+                            "method": method, "config": hyperparameters, "frozen": frozen,
+                            "history": [dataclasses.asdict(h) for h in history]})  # fmt: skip
+    curve = None
+    if history:
+        curve = target.with_name(target.stem + ".curve.png")
+        _plot_curve(history, curve)
+    share = draft.policy.frozen_share
+    return PublishResult(
+        policy=target, method=method, frozen_tensors=len(frozen),
+        frozen_share_parameters=share.parameters, frozen_share_tensors=share.tensors,
+        signers=tuple(key_id(k.public_key()) for k in keys), log=log, curve=curve,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
