@@ -21,15 +21,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
+from sd15 import SD15_UNET
 
 from guardtune.fingerprint import fingerprint_records, read_header
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)  # fmt: skip
 
 
 def write_unet(path: Path, dtype: torch.dtype) -> tuple[int, int]:

@@ -20,13 +20,8 @@ import time
 
 from rich.console import Console
 from rich.table import Table
+from sd15 import SD15_UNET
 
-SD15_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)  # fmt: skip
 BYTES_PER_FROZEN_PARAM = 4 + 8  # fp32 gradient + two fp32 AdamW moments
 
 

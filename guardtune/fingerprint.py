@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -70,6 +71,10 @@ class TensorRecord:
     start: int
     end: int
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
 
 def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: memoryview | bytes) -> str:
     digest = hashlib.sha256(_DOMAIN)
@@ -111,10 +116,7 @@ def read_header(path: Path) -> list[TensorRecord]:
             start, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{path}: corrupt header entry for tensor {name}") from error
-        count = 1
-        for dim in shape:
-            count *= dim
-        expected = count * _ITEM_BYTES.get(dtype, 0)
+        expected = math.prod(shape) * _ITEM_BYTES.get(dtype, 0)
         if dtype not in _ITEM_BYTES or end - start != expected or base + end > size or start < 0:
             raise DataError(f"{path}: tensor {name} does not fit the file (truncated or corrupt)")
         records.append(TensorRecord(name, dtype, shape, path, base + start, base + end))

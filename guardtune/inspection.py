@@ -35,12 +35,7 @@ def describe_policy(
     policy = FreezePolicy.from_json(envelope.payload)
     beside = policy_path.parent / "model_index.json"
     source = resolve_model(str(policy_path.parent) if beside.is_file() else model, model_config)
-    numel = {}
-    for record in model_tensors(source, ("unet",))["unet"]:
-        count = 1
-        for dim in record.shape:
-            count *= dim
-        numel[record.name] = count
+    numel = {r.name: r.numel for r in model_tensors(source, ("unet",))["unet"]}
     frozen = set(policy.frozen_tensors)
     blocks = tuple(shares_by_block(numel, frozen))
     if plot is not None:

@@ -104,7 +104,7 @@ def build_policy(
             f"mask names {unknown[0]}, which is not a UNet tensor of this model "
             f"({len(unknown)} unknown names)"
         )
-    numel = {name: _numel(r.shape) for name, r in unet.items()}
+    numel = {name: r.numel for name, r in unet.items()}
     frozen_parameters = sum(numel[n] for n in frozen)
     total_parameters = sum(numel.values())
     policy = FreezePolicy(
@@ -125,13 +125,6 @@ def build_policy(
         expires_at=expires_at,
     )
     return PolicyDraft(policy, frozen_parameters, total_parameters)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def sign_policy_file(policy: FreezePolicy, keys: list[PrivateKey], out: Path) -> Path:

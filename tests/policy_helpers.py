@@ -52,3 +52,16 @@ def edit_payload(policy: FreezePolicy, **changes) -> bytes:
 
 def fresh_key() -> PrivateKey:
     return generate_key()
+
+
+def signed_model(tmp_path: Path, monkeypatch) -> dict:
+    """A private model copy with its signed policy beside it; the signer's key is trusted."""
+    from guardtune.masks import sign_policy_file
+
+    monkeypatch.setenv("GUARDTUNE_TRUSTED_DIR", str(tmp_path / "trusted"))
+    model = copy_model(tmp_path)
+    key = fresh_key()
+    trust(tmp_path, key)
+    policy = make_policy(model)
+    path = sign_policy_file(policy, [key], model / "guardtune-policy.json")
+    return {"model": model, "key": key, "policy": policy, "path": path}

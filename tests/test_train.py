@@ -17,11 +17,10 @@ from safetensors.torch import load_file, save_file
 from guardtune.cli import app
 from guardtune.data import export_digits
 from guardtune.errors import DataError, IntegrityError
-from guardtune.masks import sign_policy_file
 from guardtune.models import load_pipeline
 from guardtune.train import LORA_FILE, PROVENANCE_FILE, TrainConfig, finetune
 from tests.conftest import combined_output
-from tests.policy_helpers import FROZEN, copy_model, fresh_key, make_policy, trust
+from tests.policy_helpers import FROZEN, copy_model, signed_model
 
 SMALL = TrainConfig(steps=4, batch_size=4, lr=1e-3)
 
@@ -34,12 +33,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def guarded(tmp_path, monkeypatch):
     """A model copy whose signed policy sits beside it, signed by a trusted key."""
-    monkeypatch.setenv("GUARDTUNE_TRUSTED_DIR", str(tmp_path / "trusted"))
-    model = copy_model(tmp_path)
-    key = fresh_key()
-    trust(tmp_path, key)
-    sign_policy_file(make_policy(model), [key], model / "guardtune-policy.json")
-    return model
+    return signed_model(tmp_path, monkeypatch)["model"]
 
 
 def _unet_state(folder):

@@ -14,11 +14,10 @@ from guardtune.models import EMBEDDED_DIR
 from guardtune.signing import Envelope, Signature, public_pem
 from tests.conftest import combined_output
 from tests.policy_helpers import (
-    copy_model,
     edit_payload,
     fresh_key,
     make_policy,
-    trust,
+    signed_model,
     write_signed,
 )
 
@@ -27,14 +26,7 @@ GOLDEN = Path(__file__).parent / "golden"
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    """A private model copy, a trusted publisher key, and its signed policy beside the model."""
-    monkeypatch.setenv("GUARDTUNE_TRUSTED_DIR", str(tmp_path / "trusted"))
-    model = copy_model(tmp_path)
-    key = fresh_key()
-    trust(tmp_path, key)
-    policy = make_policy(model)
-    sign_policy_file(policy, [key], model / "guardtune-policy.json")
-    return {"model": model, "key": key, "policy": policy, "path": model / "guardtune-policy.json"}
+    return signed_model(tmp_path, monkeypatch)
 
 
 def verify(runner, model: Path, *extra: str):
