@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Without a CUDA device, pin the CPU build of torch in the same pip command as everything else.
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: setup demo test lint embedded benchmark clean
+.PHONY: setup demo test lint embedded embedded-policy benchmark clean
 
 setup: $(STAMP)
 
@@ -27,9 +27,14 @@ lint: setup
 test: lint
 	$(BIN)/pytest -q
 
-# Rebuild the embedded model and digit classifier (about 50 minutes on 2 CPU cores).
+# Rebuild the embedded model and digit classifier (about 50 minutes on 2 CPU cores), then its
+# policy. The policy's signing key is keys/guardtune-digits.key (made if absent, never committed).
 embedded: setup
 	$(BIN)/python -m guardtune.embedded
+	$(MAKE) embedded-policy
+
+embedded-policy: setup
+	$(BIN)/python -m guardtune.embedded --policy-only
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

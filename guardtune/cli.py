@@ -430,30 +430,45 @@ def publish(
     share_by: Annotated[str, typer.Option(help="Count p in parameters or tensors.")] = (
         "parameters"
     ),
-    relearn_steps: Annotated[int, typer.Option(min=0, help="Steps to get theta_ft.")] = 200,
+    relearn_steps: Annotated[int, typer.Option(min=1, help="Steps to get theta_ft.")] = 200,
     steps: Annotated[int, typer.Option(min=1, help="Mask updates.")] = 150,
     user_steps_per_update: Annotated[int, typer.Option(min=1, help="User steps per update.")] = 4,
-    user_lr: Annotated[float, typer.Option(help="Simulated user's learning rate.")] = 1e-5,
+    user_lr: Annotated[float, typer.Option(help="Simulated user's learning rate.")] = 1e-4,
+    user_reset_every: Annotated[
+        int, typer.Option(min=1, help="Mask updates between restarts of the simulated user.")
+    ] = 50,
     mask_lr: Annotated[float, typer.Option(help="Mask step size.")] = 0.05,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per half-batch.")] = 8,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="Policy file (default: in the model).")] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints (default: runs/publish/<model>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the work folder.")] = False,
     json_path: JsonOption = None,
 ) -> None:
-    """Learn which UNet tensors to freeze (FreezeAsGuard) and sign the policy."""
+    """Learn which UNet tensors to freeze (FreezeAsGuard) and sign the policy.
+
+    Runs under `accelerate launch` with several processes; checkpoints at every restart of
+    the simulated user, and continues with --resume.
+    """
     from guardtune.learn.freezeasguard import LearnerConfig
     from guardtune.publish import publish as run_publish
     from guardtune.signing import load_private_key
 
     config = LearnerConfig(
         ratio=ratio, share_by=share_by, relearn_steps=relearn_steps, rounds=steps,
-        user_steps=user_steps_per_update, user_lr=user_lr, mask_lr=mask_lr,
-        batch_size=batch_size, seed=seed,
+        user_steps=user_steps_per_update, user_lr=user_lr, user_reset_every=user_reset_every,
+        mask_lr=mask_lr, batch_size=batch_size, seed=seed,
     )  # fmt: skip
 
     def action():
         keys = [load_private_key(path) for path in key]
-        return run_publish(illegal, legal, keys, model, model_config, method, config, out)
+        result = run_publish(illegal, legal, keys, model, model_config, method, config, out,
+                             workdir=work_dir, resume=resume)  # fmt: skip
+        if result is None:  # a non-main process of `accelerate launch`: rank 0 reports
+            raise typer.Exit(0)
+        return result
 
     def render(result) -> None:
         rows = [("policy", str(result.policy)), ("method", result.method)]

@@ -38,6 +38,7 @@ from guardtune.bpe import write_clip_tokenizer
 from guardtune.classifier import recognition, save_classifier, train_classifier
 from guardtune.digits import BASE_CLASSES, STYLES, load_digits, prompt_for
 from guardtune.progress import console, track
+from guardtune.trust import PROJECT_TRUST_DIR
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_DIR = ASSETS / "digits"
@@ -346,8 +347,44 @@ def build(out: Path, config: BuildConfig, classifier_out: Path | None = None) ->
     return report
 
 
+# The embedded model's policy scenario (issue 6): illegal = teach it the unseen 7 and 9; legal =
+# a bold stroke style of the digits it knows, under the same prompts (an adaptation that differs
+# in kind). The publisher key stays outside git; its public half is committed.
+POLICY_ILLEGAL = (7, 9)
+POLICY_RATIO = 0.3
+POLICY_KEY = Path("keys") / "guardtune-digits.key"
+POLICY_PUBLIC = PROJECT_TRUST_DIR / "guardtune-digits.pub"
+
+
+def publish_policy(work: Path = Path("runs") / "embedded-policy", key_path: Path = POLICY_KEY):
+    """Learn and sign the embedded model's FreezeAsGuard policy (p = 0.3) into its folder."""
+    import shutil
+
+    from guardtune.data import export_digits
+    from guardtune.learn.freezeasguard import LearnerConfig
+    from guardtune.publish import publish
+    from guardtune.signing import load_private_key, public_pem, write_keypair
+
+    if not key_path.is_file():
+        write_keypair(key_path.with_suffix(""), "ed25519", None)
+    key = load_private_key(key_path)
+    illegal = export_digits(work / "data" / "7-9", POLICY_ILLEGAL, "train", overwrite=True).out
+    legal = export_digits(work / "data" / "bold-0-6", BASE_CLASSES, "train", "bold", True).out
+    shutil.rmtree(work / "learn", ignore_errors=True)
+    result = publish([illegal], [legal], [key], "digits", config=LearnerConfig(ratio=POLICY_RATIO),
+                     workdir=work / "learn")  # fmt: skip
+    atomic.write_bytes(POLICY_PUBLIC, public_pem(key.public_key()))
+    assert result is not None  # one process: it is the main one
+    if result.curve is not None:  # the PNG stays out of the package: only weights are binaries
+        result.curve.replace(work / result.curve.name)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Rebuild the embedded `digits` model.")
+    parser.add_argument(
+        "--policy-only", action="store_true", help="Only learn and sign the model's policy."
+    )
     parser.add_argument("--out", type=Path, default=EMBEDDED_DIR)
     parser.add_argument(
         "--classifier-out", type=Path, default=ASSETS / "digit_classifier.safetensors"
@@ -357,6 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier-epochs", type=int, default=BuildConfig.classifier_epochs)
     parser.add_argument("--eval-samples", type=int, default=BuildConfig.eval_samples_per_class)
     args = parser.parse_args(argv)
+    if args.policy_only:
+        result = publish_policy()
+        share = f"{result.frozen_share_parameters:.1%} of parameters"
+        console.print(f"{result.policy}: {share} in {result.frozen_tensors} tensors")
+        return
     config = BuildConfig(
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,

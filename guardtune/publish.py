@@ -3,6 +3,10 @@
 load model -> encode illegal and legal data once -> learn the mask (FreezeAsGuard or random-p)
 -> bind the frozen list to the model's fingerprint -> sign with the publisher's key(s) -> write
 the policy (beside model_index.json by default), a JSON log and a learning-curve PNG.
+
+Learning checkpoints into a work folder (`runs/publish/<model>` by default) and continues there
+with `resume`. Under `accelerate launch` every process learns with its own batches and the
+learner averages gradients across them; only the main process writes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from guardtune import atomic
 from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.errors import DataError
+from guardtune.fingerprint import fingerprint_model
 from guardtune.learn.binarize import SHARE_BY, freeze_top, random_scores
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
 from guardtune.masks import build_policy, sign_policy_file
@@ -83,7 +88,10 @@ def publish(
     out: Path | None = None,
     caption_column: str = "text",
     show_progress: bool = True,
-) -> PublishResult:
+    workdir: Path | None = None,
+    resume: bool = False,
+) -> PublishResult | None:
+    """Learn (or draw) the mask and write the signed policy; None on non-main processes."""
     start = time.perf_counter()
     config = config or LearnerConfig()
     if method not in METHODS:
@@ -96,8 +104,14 @@ def publish(
     target = out or default_policy_path(source)
     illegal_scan = _merge([scan_folder(p, caption_column) for p in illegal])
     legal_scan = _merge([scan_folder(p, caption_column) for p in legal])
+    if config.relearn_steps < 1 or config.rounds < 1 or config.user_steps < 1:
+        raise DataError("--relearn-steps, --steps and --user-steps-per-update must be at least 1")
+    from accelerate import Accelerator
+
+    # One process, or one rank of `accelerate launch` (gloo on CPU, as finetune does).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(config.seed)
-    pipeline = load_pipeline(source, device=torch.device("cpu"), dtype=torch.float32)
+    pipeline = load_pipeline(source, device=accelerator.device, dtype=torch.float32)
     unet = pipeline.unet
     names = [n for n, _ in unet.named_parameters()]
     numel = {n: p.numel() for n, p in unet.named_parameters()}
@@ -116,10 +130,23 @@ def publish(
         pipeline.text_encoder.requires_grad_(False)
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         unet.train()
+        # What a checkpoint must match besides the config: these weights and this data.
+        model_root = fingerprint_model(source, ("unet",))["unet"].root
+        data_key = "/".join((model_root, data_digest(illegal_scan), data_digest(legal_scan)))
+        workdir = workdir or Path("runs") / "publish" / (source.path.stem or "model")
+        if not resume and (workdir / "state.json").exists():
+            raise DataError(
+                f"{workdir} holds an earlier run",
+                hint="pass --resume to continue it, or --work-dir for a fresh one",
+            )
         total = config.relearn_steps + config.rounds
-        with track("learn mask", total, enabled=show_progress) as report:
-            learned = learn_mask(unet, scheduler, illegal_data, legal_data, config, report)
+        enabled = show_progress and accelerator.is_main_process
+        with track("learn mask", total, accelerator.device, enabled=enabled) as report:
+            learned = learn_mask(unet, scheduler, illegal_data, legal_data, config, report,
+                                 workdir, resume, data_key)  # fmt: skip
         frozen, history = learned.frozen, learned.history
+    if not accelerator.is_main_process:
+        return None  # the main process signs and writes
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items()}
     datasets = {"illegal": data_digest(illegal_scan), "legal": data_digest(legal_scan)}
     draft = build_policy(
@@ -130,6 +157,8 @@ def publish(
     atomic.write_json(log, {"policy_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
                             "method": method, "config": hyperparameters, "frozen": frozen,
                             "history": [dataclasses.asdict(h) for h in history]})  # fmt: skip
+    if workdir is not None:
+        (workdir / "relearned.safetensors").unlink(missing_ok=True)  # two model copies of disk
     curve = None
     if history:
         curve = target.with_name(target.stem + ".curve.png")

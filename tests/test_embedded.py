@@ -27,3 +27,25 @@ def test_shipped_build_report_meets_the_quality_bar():
     assert report["config"]["classes"] == [0, 1, 2, 3, 4, 5, 6]
     assert report["recognition_mean"] >= 0.9
     assert min(report["recognition_per_class"].values()) >= 0.75
+
+
+def test_shipped_policy_is_the_learned_one_for_the_documented_scenario(tmp_path):
+    """The shipped policy verifies with the committed key and was learned on the scenario's data."""
+    from guardtune.data import export_digits, scan_folder
+    from guardtune.digits import BASE_CLASSES
+    from guardtune.embedded import POLICY_ILLEGAL, POLICY_PUBLIC, POLICY_RATIO
+    from guardtune.learn.freezeasguard import LearnerConfig
+    from guardtune.train import data_digest
+    from guardtune.verify import verify_policy
+
+    verified = verify_policy("digits", trusted_files=[POLICY_PUBLIC], use_trust_dirs=False)
+    provenance = verified.policy.provenance
+    assert provenance.method == "freezeasguard"
+    assert provenance.hyperparameters == {**LearnerConfig().__dict__, "ratio": POLICY_RATIO}
+    assert abs(verified.policy.frozen_share.parameters - POLICY_RATIO) < 0.02
+    illegal = export_digits(tmp_path / "illegal", POLICY_ILLEGAL, "train").out
+    legal = export_digits(tmp_path / "legal", BASE_CLASSES, "train", "bold").out
+    assert provenance.datasets == {
+        "illegal": data_digest(scan_folder(illegal)),
+        "legal": data_digest(scan_folder(legal)),
+    }

@@ -1,6 +1,12 @@
+"""The mask learner's pieces, and whole runs on the embedded model: resume and two ranks."""
+
+import json
+
+import pytest
 import torch
 
-from guardtune.learn.freezeasguard import _FlatDot, _ForeachAdam
+from guardtune.errors import DataError
+from guardtune.learn.freezeasguard import LearnerConfig, _average, _FlatDot, learn_mask
 
 
 def test_flat_dot_equals_per_tensor_inner_products():
@@ -9,20 +15,95 @@ def test_flat_dot_equals_per_tensor_inner_products():
     b = [torch.randn(t.shape, generator=generator) for t in a]
     expected = torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)])
     assert torch.allclose(_FlatDot(a)([t.clone() for t in a], b), expected, atol=1e-6)
+    in_buckets = _FlatDot(a, bucket=10)([t.clone() for t in a], b)  # 12 | 5 | 8 values
+    assert len(_FlatDot(a, bucket=10).groups) == 3
+    assert torch.allclose(in_buckets, expected, atol=1e-6)
 
 
-def test_foreach_adam_matches_torch_adam():
-    generator = torch.Generator().manual_seed(1)
-    reference = [torch.nn.Parameter(torch.randn(4, 3, generator=generator)) for _ in range(2)]
-    ours = [p.detach().clone() for p in reference]
-    optimizer = torch.optim.Adam(reference, lr=1e-2)
-    adam = _ForeachAdam(ours, lr=1e-2)
-    for _ in range(5):
-        grads = [torch.randn(p.shape, generator=generator) for p in reference]
-        for p, g in zip(reference, grads, strict=True):
-            p.grad = g.clone()
-        optimizer.step()
-        torch._foreach_sub_(ours, adam.update(grads))
-    assert all(
-        torch.allclose(p.detach(), q, atol=1e-6) for p, q in zip(reference, ours, strict=True)
+def test_average_is_a_no_op_on_one_process():
+    tensors = [torch.arange(3.0), torch.ones(2, 2)]
+    _average(tensors, world=1)
+    assert torch.equal(tensors[0], torch.arange(3.0)) and torch.equal(tensors[1], torch.ones(2, 2))
+
+
+def _mean_of_two_ranks(rank: int, store_path: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.FileStore(store_path, 2), rank=rank, world_size=2
     )
+    tensors = [torch.full((3,), float(rank)), torch.full((2, 70), 10.0 * rank)]
+    _average(tensors, world=2, bucket=100)  # two buckets: 3 + 140 values > 100
+    torch.save(tensors, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_average_takes_the_mean_across_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "averaged")
+    mp.spawn(_mean_of_two_ranks, args=(str(tmp_path / "store"), out), nprocs=2)
+    for rank in (0, 1):
+        first, second = torch.load(f"{out}.{rank}")
+        assert torch.equal(first, torch.full((3,), 0.5))
+        assert torch.equal(second, torch.full((2, 70), 5.0))
+
+
+@pytest.fixture(scope="module")
+def task(embedded_pipeline, tmp_path_factory):
+    from diffusers import DDPMScheduler
+
+    from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
+    from guardtune.train import EncodedData
+
+    root = tmp_path_factory.mktemp("learn-data")
+
+    def encoded(classes, style):
+        folder = export_digits(root / style, classes, "test", style).out
+        return EncodedData(embedded_pipeline, ImageCaptionDataset(scan_folder(folder), 32),
+                           torch.device("cpu"))  # fmt: skip
+
+    scheduler = DDPMScheduler.from_config(embedded_pipeline.scheduler.config)
+    base = {k: v.clone() for k, v in embedded_pipeline.unet.state_dict().items()}
+    yield embedded_pipeline.unet, scheduler, encoded((7,), "plain"), encoded((0, 1), "bold")
+    embedded_pipeline.unet.load_state_dict(base)
+    embedded_pipeline.unet.requires_grad_(False)
+
+
+TINY = LearnerConfig(relearn_steps=2, rounds=5, user_steps=2, user_reset_every=2, batch_size=2)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_mask(task, tmp_path):
+    unet, scheduler, illegal, legal = task
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    whole = learn_mask(unet, scheduler, illegal, legal, TINY, workdir=tmp_path / "whole")
+
+    rounds = []
+
+    def kill_in_round_four(advance: int = 1, **fields: float) -> None:
+        if "share" in fields:
+            rounds.append(fields)
+            if len(rounds) == 4:  # after the checkpoint taken at the restart of round 2
+                raise _Killed
+
+    unet.load_state_dict(base)
+    with pytest.raises(_Killed):
+        learn_mask(unet, scheduler, illegal, legal, TINY, kill_in_round_four, tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["round"] == 2
+    unet.load_state_dict(base)  # a new process: theta_pre from the model again
+    resumed = learn_mask(unet, scheduler, illegal, legal, TINY, workdir=tmp_path / "cut",
+                         resume=True)  # fmt: skip
+    assert resumed.logits == whole.logits
+    assert resumed.frozen == whole.frozen and len(resumed.history) == TINY.rounds
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(task, tmp_path):
+    unet, scheduler, illegal, legal = task
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    learn_mask(unet, scheduler, illegal, legal, TINY, workdir=tmp_path)
+    unet.load_state_dict(base)
+    other = LearnerConfig(**{**TINY.__dict__, "ratio": 0.5})
+    with pytest.raises(DataError, match="other settings"):
+        learn_mask(unet, scheduler, illegal, legal, other, workdir=tmp_path, resume=True)
