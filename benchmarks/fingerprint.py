@@ -20,24 +20,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import save_file
-from sd15 import SD15_UNET
+from sd15 import write_unet
 
 from guardtune.fingerprint import fingerprint_records, read_header
-
-
-def write_unet(path: Path, dtype: torch.dtype) -> tuple[int, int]:
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-    generator = torch.Generator().manual_seed(0)
-    state = {
-        name: (torch.randn(p.shape, generator=generator) * 0.02).to(dtype)
-        for name, p in unet.named_parameters()
-    }
-    save_file(state, str(path))
-    return sum(t.numel() for t in state.values()), len(state)
 
 
 def best_of(repeats: int, run) -> float:

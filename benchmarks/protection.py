@@ -33,10 +33,11 @@ from guardtune import atomic
 from guardtune.classifier import load_classifier, to_classifier_input
 from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
 from guardtune.digits import BASE_CLASSES, load_digits, prompt_for
+from guardtune.evaluate.attack import user_finetune
 from guardtune.learn.binarize import freeze_top, random_scores
 from guardtune.learn.freezeasguard import LearnerConfig, learn_mask
 from guardtune.models import load_pipeline
-from guardtune.train import EncodedData, diffusion_loss
+from guardtune.train import EncodedData
 
 
 def ink_threshold() -> float:
@@ -65,26 +66,13 @@ def score(pipeline, classifier, digits, samples: int, seed: int, bold_at: float 
 def attack(pipeline, base_state, frozen: set[str], data: EncodedData, checkpoints: list[int],
            evaluate, seed: int) -> dict[int, float]:  # fmt: skip
     """The user's fine-tune from the base weights with `frozen` held fixed; score on the way."""
-    unet = pipeline.unet
-    unet.load_state_dict(base_state)
-    for name, parameter in unet.named_parameters():
-        parameter.requires_grad_(name not in frozen)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2, fused=True)
-    scheduler = pipeline.noise_scheduler
     results = {}
-    unet.train()
-    for step in range(1, max(checkpoints) + 1):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        latents, states = data.batch(16, generator)
-        loss = diffusion_loss(unet, scheduler, latents, states, generator, None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step in checkpoints:
-            unet.eval()
-            results[step] = evaluate()
-            unet.train()
+
+    def at_checkpoint(step: int) -> None:
+        results[step] = evaluate()
+
+    user_finetune(pipeline.unet, pipeline.noise_scheduler, base_state, frozen, data, checkpoints,
+                  at_checkpoint, seed)  # fmt: skip
     return results
 
 
@@ -143,8 +131,30 @@ def main() -> None:
         "legal new 8": (legal_eight, eight_score),
     }
 
+    # The run takes about an hour on 2 cores: every finished mask (and every learned mask) is
+    # saved at once, and a rerun with the same settings picks up where the last one stopped.
+    settings = {"steps": checkpoints, "samples": args.samples, "ratios": args.ratios,
+                "random_seeds": args.random_seeds, "quick": args.quick}  # fmt: skip
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if saved.get("settings") != settings:
+        saved = {}
     masks: dict[str, set[str]] = {"none": set()}
+    masks.update({m: set(f) for m, f in saved.get("masks", {}).items()})
+    results: dict[str, dict[str, dict[int, float]]] = {
+        m: {t: {int(s): v for s, v in r.items()} for t, r in by_task.items()}
+        for m, by_task in saved.get("results", {}).items()
+    }
+
+    def save() -> None:
+        shares = {m: sum(numel[n] for n in f) / sum(numel.values()) for m, f in masks.items()}
+        listed = {m: sorted(f) for m, f in masks.items()}
+        record = {"settings": settings, "results": results, "frozen_share": shares,
+                  "bold_threshold": bold_at, "masks": listed}  # fmt: skip
+        atomic.write_json(args.out, record)
+
     for ratio in (float(r) for r in args.ratios.split(",")):
+        if f"freezeasguard p={ratio}" in masks:
+            continue
         pipeline.unet.load_state_dict(base_state)
         config = LearnerConfig(**{**learner.__dict__, "ratio": ratio})
         learned = learn_mask(pipeline.unet, pipeline.noise_scheduler, illegal, legal_bold, config)
@@ -154,20 +164,18 @@ def main() -> None:
             frozen = freeze_top(random_scores(names, seed), numel, learned_share, "parameters")
             masks[f"random p={ratio} seed {seed}"] = set(frozen)
         console.print(f"learned p={ratio}: {learned_share:.3f} of parameters frozen")
+        save()
 
-    results: dict[str, dict[str, dict[int, float]]] = {}
     for mask_name, frozen in masks.items():
-        results[mask_name] = {}
-        for task, (data, evaluate) in tasks.items():
-            results[mask_name][task] = attack(
-                pipeline, base_state, frozen, data, checkpoints, evaluate, 0
-            )
+        if mask_name in results:
+            continue
+        results[mask_name] = {
+            task: attack(pipeline, base_state, frozen, data, checkpoints, evaluate, 0)
+            for task, (data, evaluate) in tasks.items()
+        }
         console.print(mask_name, json.dumps(results[mask_name]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        save()
     shares = {m: sum(numel[n] for n in f) / sum(numel.values()) for m, f in masks.items()}
-    record = {"results": results, "frozen_share": shares, "samples": args.samples,
-              "bold_threshold": bold_at}  # fmt: skip
-    atomic.write_json(args.out, record)
 
     table = Table(title="Recognisability after the user's fine-tune (higher = adaptation learned)")
     table.add_column("mask")

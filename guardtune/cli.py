@@ -597,6 +597,165 @@ def finetune(
     run_command(action, json_path if main_rank else None, render)
 
 
+# ----------------------------------------------------------------------------- audit
+
+
+@app.command()
+def audit(
+    derivative: Annotated[
+        Path, typer.Argument(help="Fine-tuned model: diffusers folder, .safetensors or LoRA file.")
+    ],
+    base: Annotated[
+        str, typer.Option("--base", "-b", help="The published base model ('digits', a folder...).")
+    ] = "digits",
+    model_config: ModelConfigOption = None,
+    policy: PolicyOption = None,
+    trusted: TrustedOption = None,
+    strict: Annotated[
+        bool, typer.Option(help="Refuse frozen tensors rounded to another dtype (e.g. fp16).")
+    ] = False,
+    json_path: JsonOption = None,
+) -> None:
+    """Prove a derivative left every frozen tensor untouched (exit 0), or list what broke (7)."""
+    from guardtune.enforce.audit import audit as run_audit
+
+    def render(report) -> None:
+        verdict = "[green]compliant[/]" if report.compliant else "[bold red]NOT compliant[/]"
+        rows = [("derivative", f"{report.derivative} ({report.kind}, {report.naming} naming)")]
+        rows += [("base", report.base), ("policy", str(report.policy))]
+        rows += [("signed by", report.signer_keyid[:16])]
+        rows += [("frozen tensors", str(report.frozen_tensors))]
+        rows += [(name, str(count)) for name, count in sorted(report.counts.items())]
+        check = report.provenance
+        state = "absent" if not check.present else "consistent" if check.consistent else "FORGED"
+        rows += [("provenance", f"{state} ({check.where})" if check.present else state)]
+        rows += [("mode", "strict" if report.strict else "default (casts allowed)")]
+        rows += [("seconds", f"{report.seconds:.2f}")]
+        out_console.print(_table(f"Audit: {verdict}", rows))
+        if report.violations:
+            table = Table(title="Violations", title_justify="left")
+            for column in ("tensor", "problem", "detail", "derivative key"):
+                table.add_column(column, overflow="fold")
+            for finding in report.violations:
+                table.add_row(finding.tensor, finding.problem, finding.detail, finding.key or "")
+            out_console.print(table)
+
+    report = run_command(
+        lambda: run_audit(derivative, base, policy, tuple(trusted or ()),
+                          model_config=model_config, strict=strict),
+        json_path, render,
+    )  # fmt: skip
+    if not report.compliant:
+        first, more = report.violations[0], len(report.violations) - 1
+        err_console.print(
+            f"[bold red]error:[/] {report.derivative} violates the policy: {first.tensor} "
+            f"{first.problem}" + (f" (and {more} more, listed above)" if more else ""),
+            soft_wrap=True,
+        )
+        raise typer.Exit(int(ExitCode.INTEGRITY_VIOLATION))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _spread(mean: float, spread: float, percent: bool = False) -> str:
+    if percent:
+        return f"{mean:.0%} ± {spread / 2:.0%}"
+    return f"{mean:.3f} ± {spread / 2:.3f}"
+
+
+@app.command()
+def evaluate(
+    illegal: Annotated[list[Path], typer.Option(help="Illegal-class data folder (repeatable).")],
+    legal: Annotated[list[Path], typer.Option(help="Legal data folder (repeatable).")],
+    model: ModelOption = "digits",
+    model_config: ModelConfigOption = None,
+    policy: PolicyOption = None,
+    trusted: TrustedOption = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma list of full,random,blocks,freezeasguard,imma,uce.")
+    ] = "full,random,blocks,freezeasguard,imma,uce",
+    ratio: Annotated[
+        float | None, typer.Option(help="Frozen-parameter share of the freezing baselines.")
+    ] = None,
+    steps: Annotated[str, typer.Option(help="User fine-tune checkpoints, e.g. 50,100,200.")] = (
+        "50,100,200"
+    ),
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per method.")] = 2,
+    samples: Annotated[int, typer.Option(min=1, help="Samples per task and checkpoint.")] = 32,
+    scorer: Annotated[str, typer.Option(help="digits, clip:FOLDER or loss.")] = "digits",
+    lr: Annotated[float, typer.Option(help="The simulated user's learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="The user's batch size.")] = 16,
+    imma_steps: Annotated[int, typer.Option(min=1, help="IMMA immunisation rounds.")] = 200,
+    plot: Annotated[Path | None, typer.Option(help="PNG plot of the results.")] = Path(
+        "runs/evaluate/evaluate.png"
+    ),
+    json_path: JsonOption = None,
+) -> None:
+    """Measure how much each method stops illegal adaptation and costs legal adaptation."""
+    from guardtune.evaluate.attack import AttackConfig
+    from guardtune.evaluate.imma import ImmaConfig
+    from guardtune.evaluate.run import EvaluateConfig
+    from guardtune.evaluate.run import evaluate as run_evaluate
+
+    try:
+        checkpoints = tuple(int(s) for s in steps.split(",") if s.strip())
+    except ValueError:
+        message = f"--steps must be a comma list of integers, got {steps!r}"
+        raise typer.BadParameter(message) from None
+    config = EvaluateConfig(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), ratio=ratio,
+        steps=checkpoints, seeds=seeds, samples=samples, scorer=scorer,
+        attack=AttackConfig(lr=lr, batch_size=batch_size), imma=ImmaConfig(steps=imma_steps),
+    )  # fmt: skip
+
+    def render(result) -> None:
+        final = result.final()
+        scored = result.scorer != "loss"
+        title = f"After {max(result.steps)} user fine-tune steps, {result.seeds} seed(s)"
+        table = Table(title=f"{title}: mean ± half spread", title_justify="left")
+        table.add_column("method")
+        table.add_column("frozen", justify="right")
+        for task, kind in result.tasks.items():
+            metric = final[[r.task for r in final].index(task)].metric
+            better = "lower" if kind == "illegal" and scored else "higher"
+            if not scored:
+                better = "higher" if kind == "illegal" else "lower"
+            table.add_column(f"{task}\n{metric} ({better} better)", justify="right")
+            table.add_column("mitigation" if kind == "illegal" else "legal impact",
+                             justify="right")  # fmt: skip
+        for method in dict.fromkeys(r.method for r in final):
+            cells = [method, f"{result.frozen_share.get(method, 0):.1%}"]
+            for task in result.tasks:
+                row = next(r for r in final if r.method == method and r.task == task)
+                cells += [_spread(row.mean, row.spread), f"{row.versus_full:+.0%}"]
+            table.add_row(*cells)
+        out_console.print(table)
+        curve = Table(title="Illegal tasks over the user's fine-tune", title_justify="left")
+        curve.add_column("method")
+        illegal_tasks = [t for t, k in result.tasks.items() if k == "illegal"]
+        for task in illegal_tasks:
+            for step in result.steps:
+                curve.add_column(f"{task} @{step}", justify="right")
+        for method in dict.fromkeys(r.method for r in result.summary):
+            cells = [method]
+            for task in illegal_tasks:
+                for step in result.steps:
+                    row = next(r for r in result.summary
+                               if (r.method, r.task, r.step) == (method, task, step))  # fmt: skip
+                    cells.append(_spread(row.mean, row.spread))
+            curve.add_row(*cells)
+        out_console.print(curve)
+        plotted = f"plot: {result.plot}   " if result.plot else ""
+        out_console.print(f"{plotted}{result.seconds:.0f} s")
+
+    run_command(
+        lambda: run_evaluate(illegal, legal, model, model_config, policy, tuple(trusted or ()),
+                             config, plot),
+        json_path, render,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- demo
 
 

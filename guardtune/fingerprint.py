@@ -47,6 +47,7 @@ TORCH_TO_SAFETENSORS = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in TORCH_TO_SAFETENSORS.items()}
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
 _ITEM_BYTES |= {"U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -92,6 +93,18 @@ def root_digest(tensors: dict[str, str]) -> str:
 
 def read_header(path: Path) -> list[TensorRecord]:
     """Parse a safetensors header strictly; DataError naming the file if it is not valid."""
+    return _parse_header(path)[0]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header's `__metadata__` strings (empty if it has none)."""
+    metadata = _parse_header(path)[1]
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise DataError(f"{path}: corrupt safetensors metadata")
+    return metadata
+
+
+def _parse_header(path: Path) -> tuple[list[TensorRecord], object]:
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -120,7 +133,7 @@ def read_header(path: Path) -> list[TensorRecord]:
         if dtype not in _ITEM_BYTES or end - start != expected or base + end > size or start < 0:
             raise DataError(f"{path}: tensor {name} does not fit the file (truncated or corrupt)")
         records.append(TensorRecord(name, dtype, shape, path, base + start, base + end))
-    return records
+    return records, header.get("__metadata__", {})
 
 
 @contextmanager
@@ -163,6 +176,21 @@ def hash_records(records: list[TensorRecord], workers: int | None = None) -> dic
         return dict(pool.map(work, ordered))
 
 
+def load_record(record: TensorRecord) -> torch.Tensor:
+    """One tensor's values, read from its file (a copy: only this tensor is in memory)."""
+    dtype = SAFETENSORS_TO_TORCH.get(record.dtype)
+    if dtype is None:
+        raise DataError(f"{record.path}: tensor {record.name} has unsupported dtype {record.dtype}")
+    data = bytearray(record.end - record.start)
+    with record.path.open("rb") as handle:
+        handle.seek(record.start)
+        if handle.readinto(data) != len(data):
+            raise DataError(f"{record.path}: truncated at tensor {record.name}")
+    if not data:
+        return torch.empty(record.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(record.shape)
+
+
 def fingerprint_records(records: list[TensorRecord]) -> ComponentFingerprint:
     names = [r.name for r in records]
     if len(set(names)) != len(names):
@@ -202,7 +230,7 @@ def model_tensors(
     for component in components:
         folder = source.path / component
         result[component] = [
-            _renamed(record, f"{component}.{record.name}")
+            renamed(record, f"{component}.{record.name}")
             for path in component_files(folder)
             for record in read_header(path)
         ]
@@ -232,5 +260,6 @@ def fingerprint_state_dict(component: str, state: dict[str, torch.Tensor]) -> Co
     return ComponentFingerprint(ALGORITHM, root_digest(tensors), dict(sorted(tensors.items())))
 
 
-def _renamed(record: TensorRecord, name: str) -> TensorRecord:
+def renamed(record: TensorRecord, name: str) -> TensorRecord:
+    """The same bytes under another name (digests include the name)."""
     return TensorRecord(name, record.dtype, record.shape, record.path, record.start, record.end)

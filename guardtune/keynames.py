@@ -56,13 +56,12 @@ def diffusers_to_ldm_unet(names: Iterable[str]) -> dict[str, str]:
     Names outside the SD layout (e.g. SDXL's add_embedding) are left out of the mapping.
     """
     names = list(names)
-    resnets = [int(m[4]) for n in names if (m := _BLOCK_LAYER.fullmatch(n)) and m[1] == "down"]
-    if not resnets:
+    layers = [m for n in names if (m := _BLOCK_LAYER.fullmatch(n))]
+    down = [int(m[4]) for m in layers if m[1] == "down" and m[3] == "resnets"]
+    if not down:
         return {}
-    per_block = max(resnets) + 1  # layers_per_block; original blocks add one slot per sampler
-    up_with_attention = {
-        int(m[2]) for n in names if (m := _BLOCK_LAYER.fullmatch(n)) and m[1] == "up" and m[3] == "attentions"
-    }  # fmt: skip
+    per_block = max(down) + 1  # layers_per_block; original blocks add one slot per sampler
+    up_with_attention = {int(m[2]) for m in layers if m[1] == "up" and m[3] == "attentions"}
     mapping = {}
     for name in names:
         ldm = _to_ldm(name, per_block, up_with_attention)

@@ -131,8 +131,11 @@ class EncodedData:
                 truncation=True, return_tensors="pt",
             ).input_ids  # fmt: skip
             embeddings = text_encoder(ids.to(device))[0].float().cpu()
-        self.latent_mean = torch.cat(means)
-        self.latent_std = torch.cat(stds)
+        # The VAE hands back channels-last latents. oneDNN's CPU convolution backward in torch
+        # 2.13 segfaults on channels-last inputs once some (not all) conv weights are frozen, so
+        # every latent leaves here in the default memory format.
+        self.latent_mean = torch.cat(means).contiguous()
+        self.latent_std = torch.cat(stds).contiguous()
         row = {c: i for i, c in enumerate(captions)}
         self.caption_row = torch.tensor([row[c] for c in dataset.captions])
         self.embeddings = embeddings

@@ -304,3 +304,33 @@ def test_lora_run_resumes_to_the_same_adapter(guarded, data, tmp_path):
     assert resumed.resumed_from == 2
     a, b = load_file(str(tmp_path / "a" / LORA_FILE)), load_file(str(tmp_path / "b" / LORA_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_encoded_latents_are_contiguous_so_partly_frozen_convs_train(embedded_pipeline, data):
+    """oneDNN's conv backward crashed on the VAE's channels-last latents under a partial freeze."""
+    from diffusers import DDPMScheduler
+
+    from guardtune.data import ImageCaptionDataset, scan_folder
+    from guardtune.learn.binarize import freeze_top, random_scores
+    from guardtune.train import EncodedData, diffusion_loss
+
+    encoded = EncodedData(embedded_pipeline, ImageCaptionDataset(scan_folder(data), 32),
+                          torch.device("cpu"))  # fmt: skip
+    latents, states = encoded.batch(16, torch.Generator().manual_seed(0))
+    assert latents.is_contiguous() and states.is_contiguous()
+    unet = embedded_pipeline.unet
+    numel = {n: p.numel() for n, p in unet.named_parameters()}
+    frozen = set(freeze_top(random_scores(list(numel), 0), numel, 0.5, "parameters"))
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    try:
+        for name, parameter in unet.named_parameters():
+            parameter.requires_grad_(name not in frozen)
+        scheduler = DDPMScheduler.from_config(embedded_pipeline.scheduler.config)
+        loss = diffusion_loss(unet, scheduler, latents, states, torch.Generator(), None)
+        loss.backward()
+        grads = {n for n, p in unet.named_parameters() if p.grad is not None}
+        assert grads == set(numel) - frozen
+    finally:
+        unet.load_state_dict(base)
+        unet.requires_grad_(False)
+        unet.zero_grad(set_to_none=True)

@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from guardtune.errors import IntegrityError
-from guardtune.fingerprint import TORCH_TO_SAFETENSORS, TensorRecord, tensor_digest
-
-_SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in TORCH_TO_SAFETENSORS.items()}
+from guardtune.fingerprint import SAFETENSORS_TO_TORCH, TensorRecord, tensor_digest
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class FrozenDigests:
             tensor = state.get(local)
             if tensor is None:
                 raise IntegrityError(f"frozen tensor {name} is missing from the model")
-            stored = tensor.detach().to("cpu", _SAFETENSORS_TO_TORCH[dtype_code]).contiguous()
+            stored = tensor.detach().to("cpu", SAFETENSORS_TO_TORCH[dtype_code]).contiguous()
             raw = stored.reshape(-1).view(torch.uint8).numpy()
             if tensor_digest(name, dtype_code, tuple(stored.shape), raw.data) != expected:
                 raise IntegrityError(

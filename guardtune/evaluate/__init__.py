@@ -1,0 +1,6 @@
+"""`guardtune evaluate`: what a policy buys, measured against the baselines.
+
+defenses (what each method does to the model before the user gets it) -> attack (the same
+simulated user fine-tune for every method) -> metrics (scoring the samples it then draws) ->
+run (the plan over methods, seeds and tasks, its summary, JSON and plot).
+"""

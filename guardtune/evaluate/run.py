@@ -1,0 +1,429 @@
+"""The evaluation recipe: every method, the same simulated user, curves over the user's steps.
+
+load model (and verify its policy) -> split each task folder into training and held-out images
+-> for each method: build its defence -> for each seed and task: the user's fine-tune, scored
+at every checkpoint (held-out loss; samples through the scorer) -> summary against full
+fine-tuning -> JSON-able result and a PNG plot.
+
+Headline numbers, per checkpoint, as mean and spread (max - min) over seeds:
+- illegal tasks: recognisability of the samples (lower is better); mitigation = 1 - method /
+  full fine-tune;
+- legal tasks: quality of the samples (higher is better); legal impact = 1 - method / full.
+With no scorer (`loss`), held-out denoising loss stands in: mitigation and impact are then its
+relative rise over full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guardtune import atomic
+from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
+from guardtune.errors import DataError
+from guardtune.evaluate.attack import AttackConfig, user_finetune
+from guardtune.evaluate.defenses import (
+    METHODS,
+    SEEDED,
+    Defense,
+    blocks_mask,
+    random_mask,
+)
+from guardtune.evaluate.imma import ImmaConfig, immunize
+from guardtune.evaluate.metrics import Scorer, held_out_loss, make_scorer
+from guardtune.evaluate.uce import uce_edit
+from guardtune.models import load_pipeline, resolve_model
+from guardtune.progress import track
+from guardtune.train import EncodedData
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    methods: tuple[str, ...] = METHODS
+    ratio: float | None = None  # frozen-parameter share of the freezing baselines (policy's)
+    steps: tuple[int, ...] = (50, 100, 200)
+    seeds: int = 2
+    samples: int = 32  # per task and checkpoint
+    scorer: str = "digits"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    imma: ImmaConfig = field(default_factory=ImmaConfig)
+    uce_guide: str = ""
+    inference_steps: int = 25
+    guidance: float = 5.0
+    held_out_every: int = 5  # every 5th example is held out for scoring
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "illegal" or "legal"
+    train: EncodedData = field(repr=False)
+    held_out: EncodedData = field(repr=False)
+    reference: torch.Tensor = field(repr=False)  # held-out real images in [0, 1]
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    method: str
+    seed: int
+    task: str
+    kind: str
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One method on one task at one checkpoint, over seeds; `versus_full` as described above."""
+
+    method: str
+    task: str
+    kind: str
+    step: int
+    metric: str
+    mean: float
+    spread: float
+    versus_full: float
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    model: str
+    policy: str | None
+    frozen_share: dict[str, float]
+    tasks: dict[str, str]  # name -> kind
+    steps: tuple[int, ...]
+    seeds: int
+    samples: int
+    scorer: str
+    measurements: tuple[Measurement, ...]
+    summary: tuple[SummaryRow, ...]
+    plot: Path | None
+    seconds: float
+
+    def final(self) -> list[SummaryRow]:
+        return [row for row in self.summary if row.step == max(self.steps)]
+
+
+def _split(scan: FolderScan, every: int) -> tuple[FolderScan, FolderScan]:
+    examples = list(scan.examples)
+    held = [e for i, e in enumerate(examples) if i % every == every - 1]
+    kept = [e for i, e in enumerate(examples) if i % every != every - 1]
+    if not held or not kept:
+        raise DataError(f"{scan.root} needs at least {every} images to hold some out for scoring")
+    return (
+        FolderScan(scan.root, scan.layout, tuple(kept)),
+        FolderScan(scan.root, scan.layout, tuple(held)),
+    )
+
+
+def _task(pipeline, folder: Path, kind: str, every: int, resolution: int) -> Task:
+    train_scan, held_scan = _split(scan_folder(folder), every)
+    device = pipeline.unet.device
+    held_images = ImageCaptionDataset(held_scan, resolution)
+    reference = (torch.stack(held_images.pixels) + 1) / 2
+    return Task(
+        name=f"{kind} {Path(folder).name}",
+        kind=kind,
+        train=EncodedData(pipeline, ImageCaptionDataset(train_scan, resolution), device),
+        held_out=EncodedData(pipeline, held_images, device),
+        reference=reference,
+        prompts=tuple(sorted(set(held_images.captions))),
+    )
+
+
+def headline(kind: str, scored: bool) -> str:
+    if not scored:
+        return "held_out_loss"
+    return "recognisability" if kind == "illegal" else "quality"
+
+
+def versus_full(kind: str, scored: bool, value: float, full: float) -> float:
+    """Mitigation (illegal) or legal impact (legal) against full fine-tuning; positive = less."""
+    if not scored:
+        return value / full - 1 if full else 0.0
+    return 1 - value / full if full else 0.0
+
+
+@torch.no_grad()
+def _sample(pipeline, task: Task, samples: int, seed: int, config: EvaluateConfig):
+    per_prompt = max(1, math.ceil(samples / len(task.prompts)))
+    prompts = [p for p in task.prompts for _ in range(per_prompt)]
+    images = []
+    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+    for start in range(0, len(prompts), 16):
+        batch = prompts[start : start + 16]
+        output = pipeline(
+            batch,
+            num_inference_steps=config.inference_steps,
+            guidance_scale=config.guidance,
+            generator=generator,
+            output_type="pt",
+        )
+        images.append(output.images.float().cpu())
+    return torch.cat(images), prompts
+
+
+def defense_for(
+    method: str,
+    seed: int,
+    pipeline,
+    scheduler,
+    numel: dict[str, int],
+    share: float,
+    policy_frozen: frozenset[str] | None,
+    tasks: list[Task],
+    config: EvaluateConfig,
+    report,
+) -> Defense:
+    if method == "full":
+        return Defense(method)
+    if method == "random":
+        return Defense(method, random_mask(numel, share, seed))
+    if method == "blocks":
+        return Defense(method, blocks_mask(numel, share, seed))
+    if method == "freezeasguard":
+        if policy_frozen is None:
+            raise DataError("freezeasguard needs a verified policy", hint="pass --policy")
+        return Defense(method, policy_frozen)
+    illegal = [t for t in tasks if t.kind == "illegal"]
+    if method == "imma":
+        data = illegal[0].train if len(illegal) == 1 else _joined([t.train for t in illegal])
+        return Defense(
+            method, weights=immunize(pipeline.unet, scheduler, data, config.imma, report)
+        )
+    if method == "uce":
+        erase = sorted({p for t in illegal for p in t.prompts})
+        preserve = tuple(sorted({p for t in tasks if t.kind == "legal" for p in t.prompts}))
+        return Defense(method, weights=uce_edit(pipeline, erase, config.uce_guide, preserve))
+    raise DataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _joined(parts: list[EncodedData]) -> EncodedData:
+    """One EncodedData over several (the illegal classes together, for IMMA's defence)."""
+    joined = object.__new__(EncodedData)
+    joined.scaling = parts[0].scaling
+    joined.latent_mean = torch.cat([p.latent_mean for p in parts])
+    joined.latent_std = torch.cat([p.latent_std for p in parts])
+    offsets = np.cumsum([0] + [p.embeddings.shape[0] for p in parts[:-1]])
+    joined.caption_row = torch.cat(
+        [p.caption_row + int(o) for p, o in zip(parts, offsets, strict=True)]
+    )
+    joined.embeddings = torch.cat([p.embeddings for p in parts])
+    return joined
+
+
+def evaluate(
+    illegal: list[Path],
+    legal: list[Path],
+    model: str = "digits",
+    model_config: Path | None = None,
+    policy: Path | None = None,
+    trusted: tuple[Path, ...] = (),
+    config: EvaluateConfig = EvaluateConfig(),
+    plot: Path | None = None,
+    show_progress: bool = True,
+) -> EvaluationResult:
+    """Run the plan; see the module docstring."""
+    started = time.perf_counter()
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown or not config.methods:
+        raise DataError(
+            f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from "
+            f"{', '.join(METHODS)}"
+        )
+    if not illegal or not legal:
+        raise DataError("evaluate needs at least one --illegal and one --legal data folder")
+    if not config.steps or min(config.steps) < 1 or config.seeds < 1 or config.samples < 1:
+        raise DataError("--steps must be positive, --seeds and --samples at least 1")
+    if config.ratio is not None and not 0 < config.ratio < 1:
+        raise DataError("--ratio must be in (0, 1)")
+    scorer: Scorer | None = make_scorer(config.scorer)
+    source = resolve_model(model, model_config)
+    policy_frozen, policy_label = None, None
+    if "freezeasguard" in config.methods:
+        from guardtune.enforce.freeze import frozen_unet_names
+        from guardtune.verify import verify_policy
+
+        verified = verify_policy(source, policy, trusted)  # fails closed, as finetune does
+        policy_frozen = frozenset(frozen_unet_names(verified.policy))
+        policy_label = str(verified.policy_path)
+    from diffusers import DDPMScheduler
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = load_pipeline(source, device=device, dtype=torch.float32)
+    pipeline.vae.requires_grad_(False)
+    pipeline.text_encoder.requires_grad_(False)
+    unet = pipeline.unet
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    resolution = unet.config.sample_size * pipeline.vae_scale_factor
+    tasks = [_task(pipeline, f, "illegal", config.held_out_every, resolution) for f in illegal]
+    tasks += [_task(pipeline, f, "legal", config.held_out_every, resolution) for f in legal]
+    if len({t.name for t in tasks}) < len(tasks):
+        raise DataError("task folders need distinct names (they label the results)")
+    all_prompts = sorted({p for t in tasks for p in t.prompts})
+    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    numel = {n: p.numel() for n, p in unet.named_parameters()}
+    share = config.ratio
+    if share is None:
+        share = sum(numel[n] for n in policy_frozen) / sum(numel.values()) if policy_frozen else 0.3
+
+    checkpoints = sorted(set(config.steps))
+    runs = len(config.methods) * config.seeds * len(tasks)
+    total = runs * max(checkpoints) + config.imma.steps * ("imma" in config.methods)
+    measurements: list[Measurement] = []
+    shares: dict[str, float] = {}
+    with track("evaluate", total, device, enabled=show_progress) as report:
+        for method in config.methods:
+            defense = None
+            for seed in range(config.seeds):
+                if defense is None or method in SEEDED:
+                    unet.load_state_dict(base)
+                    defense = defense_for(
+                        method,
+                        seed,
+                        pipeline,
+                        scheduler,
+                        numel,
+                        share,
+                        policy_frozen,
+                        tasks,
+                        config,
+                        report,
+                    )
+                shares[method] = defense.frozen_share(numel)
+                start = {**base, **(defense.weights or {})}
+                for task in tasks:
+
+                    def at_checkpoint(step: int, task=task, seed=seed, method=method) -> None:
+                        latents = task.held_out.latent_mean * task.held_out.scaling
+                        states = task.held_out.embeddings[task.held_out.caption_row]
+                        metrics = {"held_out_loss": held_out_loss(unet, scheduler, latents, states)}
+                        if scorer is not None:
+                            images, prompts = _sample(
+                                pipeline, task, config.samples, seed * 7919 + step, config
+                            )
+                            metrics |= scorer.score(images, prompts, all_prompts, task.reference)
+                        measurements.append(
+                            Measurement(method, seed, task.name, task.kind, step, metrics)
+                        )
+
+                    user_finetune(
+                        unet,
+                        scheduler,
+                        start,
+                        defense.frozen,
+                        task.train,
+                        checkpoints,
+                        at_checkpoint,
+                        seed,
+                        config.attack,
+                        report,
+                    )
+    unet.load_state_dict(base)
+    summary = summarise(measurements, config.methods, tasks, checkpoints, scorer is not None)
+    result = EvaluationResult(
+        model=source.label,
+        policy=policy_label,
+        frozen_share=shares,
+        tasks={t.name: t.kind for t in tasks},
+        steps=tuple(checkpoints),
+        seeds=config.seeds,
+        samples=config.samples,
+        scorer=config.scorer,
+        measurements=tuple(measurements),
+        summary=tuple(summary),
+        plot=None,
+        seconds=time.perf_counter() - started,
+    )
+    if plot is not None:
+        plot_result(result, plot)
+        result = EvaluationResult(**{**result.__dict__, "plot": plot})
+    return result
+
+
+def summarise(
+    measurements: list[Measurement],
+    methods: tuple[str, ...],
+    tasks: list[Task],
+    checkpoints: list[int],
+    scored: bool,
+) -> list[SummaryRow]:
+    rows = []
+    for task in tasks:
+        metric = headline(task.kind, scored)
+        for step in checkpoints:
+            values = {
+                m: [
+                    x.metrics[metric]
+                    for x in measurements
+                    if x.method == m and x.task == task.name and x.step == step
+                ]
+                for m in methods
+            }
+            full = float(np.mean(values["full"])) if values.get("full") else float("nan")
+            for method in methods:
+                mean = float(np.mean(values[method]))
+                rows.append(
+                    SummaryRow(
+                        method,
+                        task.name,
+                        task.kind,
+                        step,
+                        metric,
+                        mean,
+                        float(np.ptp(values[method])),
+                        versus_full(task.kind, scored, mean, full),
+                    )
+                )
+    return rows
+
+
+def plot_result(result: EvaluationResult, out: Path) -> None:
+    """Left: mitigation vs legal impact per method (last step); right: illegal metric vs steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (trade, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
+    final = result.final()
+    methods = list(dict.fromkeys(r.method for r in result.summary))
+    for method in methods:
+        illegal = [r for r in final if r.method == method and r.kind == "illegal"]
+        legal = [r for r in final if r.method == method and r.kind == "legal"]
+        x = 100 * float(np.mean([r.versus_full for r in legal]))
+        y = 100 * float(np.mean([r.versus_full for r in illegal]))
+        trade.scatter([x], [y], s=40)
+        trade.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4))
+        for task in dict.fromkeys(r.task for r in result.summary if r.kind == "illegal"):
+            rows = [r for r in result.summary if r.method == method and r.task == task]
+            curves.errorbar(
+                [r.step for r in rows],
+                [r.mean for r in rows],
+                yerr=[r.spread / 2 for r in rows],
+                marker="o",
+                capsize=3,
+                label=f"{method}: {task}",
+            )
+    trade.axhline(0, color="grey", lw=0.5)
+    trade.axvline(0, color="grey", lw=0.5)
+    trade.set_xlabel("legal impact vs full fine-tune (%)")
+    trade.set_ylabel("mitigation of illegal adaptation (%)")
+    trade.set_title(f"after {max(result.steps)} user steps")
+    curves.set_xlabel("user fine-tune steps")
+    curves.set_ylabel(next((r.metric for r in result.summary if r.kind == "illegal"), ""))
+    curves.set_title("illegal tasks (mean, bars = seed spread)")
+    curves.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic.write_bytes(out, buffer.getvalue())

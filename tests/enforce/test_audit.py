@@ -1,0 +1,213 @@
+"""`guardtune audit`: compliant derivatives pass, every kind of violation is caught and named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from guardtune.cli import app
+from guardtune.data import export_digits
+from guardtune.enforce.audit import audit
+from guardtune.errors import SignatureError
+from guardtune.keynames import LDM_UNET_PREFIX, diffusers_to_ldm_unet
+from guardtune.masks import build_policy, sign_policy_file
+from guardtune.models import ModelSource
+from guardtune.policy import Provenance
+from guardtune.signing import generate_key, public_pem
+from guardtune.train import LORA_FILE, PROVENANCE_FILE, TrainConfig, finetune
+from tests.conftest import combined_output
+from tests.policy_helpers import FROZEN, copy_model
+
+# One attention projection is frozen too, so that a LoRA can break the policy.
+TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+POLICY_FROZEN = [*FROZEN, f"unet.{TO_Q}.weight"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An fp32 copy of the embedded model, its signed policy, and two compliant derivatives."""
+    root = tmp_path_factory.mktemp("audit")
+    model = copy_model(root)
+    unet_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    # fp32 values that fp16 cannot hold, so that an fp16 copy really rounds.
+    noise = torch.Generator().manual_seed(0)
+    state = {k: v.float() for k, v in load_file(str(unet_file)).items()}
+    state = {k: v + 1e-4 * torch.randn(v.shape, generator=noise) for k, v in state.items()}
+    save_file(state, str(unet_file))
+    key = generate_key()
+    pub = root / "publisher.pub"
+    pub.write_bytes(public_pem(key.public_key()))
+    draft = build_policy(ModelSource("folder", model), POLICY_FROZEN, Provenance("manual"))
+    sign_policy_file(draft.policy, [key], model / "guardtune-policy.json")
+    data = export_digits(root / "data", (7,), "train").out
+    common = dict(model=str(model), trusted=(pub,), compare=False, show_progress=False)
+    finetune(data, root / "full", config=TrainConfig(steps=2, batch_size=4, lr=1e-3), **common)
+    lora = TrainConfig(steps=2, batch_size=4, lora=True, rank=4, lr=1e-2)
+    finetune(data, root / "lora", config=lora, **common)
+    return {"root": root, "model": model, "pub": pub, "unet_file": unet_file}
+
+
+def _audit(setup, derivative, *extra):
+    args = ["audit", str(derivative), "--base", str(setup["model"]), "--trusted", str(setup["pub"])]
+    json_path = setup["root"] / "audit.json"
+    json_path.unlink(missing_ok=True)
+    result = CliRunner().invoke(app, [*args, *extra, "--json", str(json_path)])
+    report = json.loads(json_path.read_text()) if json_path.exists() else None
+    return result, report
+
+
+def _problems(report) -> dict[str, str]:
+    return {v["tensor"]: v["problem"] for v in report["violations"]}
+
+
+def _unet_copy(setup, tmp_path, edit) -> Path:
+    """A derivative folder: the base model with its UNet state dict edited."""
+    derivative = tmp_path / "derivative"
+    shutil.copytree(setup["model"], derivative)
+    target = derivative / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(target))
+    edit(state)
+    save_file(state, str(target))
+    return derivative
+
+
+def test_compliant_full_finetune_passes_with_consistent_provenance(setup):
+    result, report = _audit(setup, setup["root"] / "full", "--strict")
+    assert result.exit_code == 0, combined_output(result)
+    assert report["kind"] == "full" and report["violations"] == []
+    assert report["counts"]["identical"] == len(POLICY_FROZEN)  # fp32 base, fp32 output
+    provenance = report["provenance"]
+    assert provenance["present"] and provenance["consistent"] and provenance["problems"] == []
+
+
+def test_compliant_lora_from_finetune_passes(setup):
+    result, report = _audit(setup, setup["root"] / "lora" / LORA_FILE)
+    assert result.exit_code == 0, combined_output(result)
+    assert report["kind"] == "lora" and report["counts"]["adapted modules"] > 0
+    assert report["provenance"]["consistent"] is True
+    assert "metadata" in report["provenance"]["where"]
+
+
+def test_a_hand_edited_frozen_tensor_is_named_with_its_change(setup, tmp_path):
+    name = FROZEN[0].removeprefix("unet.")
+    derivative = _unet_copy(setup, tmp_path, lambda s: s[name].view(-1)[:5].add_(0.01))
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7
+    assert _problems(report) == {FROZEN[0]: "changed"}
+    assert "5 of" in report["violations"][0]["detail"]
+    assert FROZEN[0] in combined_output(result) and "violates the policy" in combined_output(result)
+
+
+def test_an_unfrozen_change_is_fine_but_a_missing_or_renamed_frozen_tensor_is_not(setup, tmp_path):
+    renamed, dropped = FROZEN[1].removeprefix("unet."), FROZEN[2].removeprefix("unet.")
+
+    def edit(state):
+        state["up_blocks.0.resnets.0.conv1.weight"].add_(1.0)  # not frozen
+        state[renamed + "_v2"] = state.pop(renamed)
+        del state[dropped]
+
+    result, report = _audit(setup, _unet_copy(setup, tmp_path, edit))
+    assert result.exit_code == 7
+    assert _problems(report) == {FROZEN[1]: "renamed", FROZEN[2]: "missing"}
+    assert renamed + "_v2" in report["violations"][0]["detail"] + report["violations"][1]["detail"]
+
+
+def test_fp16_cast_passes_unless_strict_and_lossless_upcast_passes_strict(setup, tmp_path):
+    state = load_file(str(setup["unet_file"]))
+    half = tmp_path / "unet-fp16.safetensors"  # a bare UNet state dict, diffusers naming
+    save_file({k: v.half() for k, v in state.items()}, str(half))
+    result, report = _audit(setup, half)
+    assert result.exit_code == 0, combined_output(result)
+    assert report["counts"]["cast"] == len(POLICY_FROZEN)
+    result, report = _audit(setup, half, "--strict")
+    assert result.exit_code == 7 and set(_problems(report).values()) == {"cast"}
+    wide = tmp_path / "unet-fp64.safetensors"
+    save_file({f"unet.{k}": v.double() for k, v in state.items()}, str(wide))
+    result, report = _audit(setup, wide, "--strict")
+    assert result.exit_code == 0 and report["counts"]["lossless"] == len(POLICY_FROZEN)
+
+
+def test_original_sd_checkpoint_is_mapped_to_policy_names(setup, tmp_path):
+    state = load_file(str(setup["unet_file"]))
+    to_ldm = diffusers_to_ldm_unet(state)
+    original = {LDM_UNET_PREFIX + to_ldm[k]: v for k, v in state.items()}
+    original["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # other components
+    path = tmp_path / "original.safetensors"
+    save_file(original, str(path))
+    result, report = _audit(setup, path, "--strict")
+    assert result.exit_code == 0 and report["naming"] == "original-sd", combined_output(result)
+    frozen = FROZEN[0].removeprefix("unet.")
+    original[LDM_UNET_PREFIX + to_ldm[frozen]].mul_(1.5)
+    save_file(original, str(path))
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7 and _problems(report) == {FROZEN[0]: "changed"}
+    assert report["violations"][0]["key"] == LDM_UNET_PREFIX + to_ldm[frozen]
+
+
+@pytest.mark.parametrize("naming", ["peft", "kohya"])
+def test_lora_on_a_frozen_module_is_caught_in_both_namings(setup, tmp_path, naming):
+    lora = load_file(str(setup["root"] / "lora" / LORA_FILE))
+    assert not any(TO_Q in k for k in lora)  # finetune itself never adapts a frozen module
+    down, up = torch.zeros(4, 64), torch.zeros(64, 4)
+    if naming == "peft":
+        extra = {f"unet.{TO_Q}.lora_A.weight": down, f"unet.{TO_Q}.lora_B.weight": up}
+    else:
+        stem = "lora_unet_" + TO_Q.replace(".", "_")
+        extra = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                 f"{stem}.alpha": torch.tensor(4.0)}  # fmt: skip
+    path = tmp_path / f"{naming}.safetensors"
+    save_file({**lora, **extra}, str(path))
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7
+    assert _problems(report) == {f"unet.{TO_Q}.weight": "lora-on-frozen"}
+
+
+def test_unmappable_lora_key_fails_closed(setup, tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({"lora_unet_secret_block_proj.lora_down.weight": torch.zeros(2, 2)}, str(path))
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7 and _problems(report) == {"?": "unmapped"}
+
+
+def test_forged_provenance_is_caught(setup, tmp_path):
+    path = tmp_path / "forged.safetensors"
+    source = setup["root"] / "lora" / LORA_FILE
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    claims = json.loads(metadata["guardtune_provenance"])
+    claims["policy_sha256"] = "0" * 64
+    metadata["guardtune_provenance"] = json.dumps(claims)
+    save_file(load_file(str(source)), str(path), metadata=metadata)
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7
+    assert report["provenance"]["consistent"] is False
+    assert report["violations"][0]["detail"] == "provenance names another policy"
+    # A full derivative's provenance file is checked the same way.
+    folder = tmp_path / "full"
+    shutil.copytree(setup["root"] / "full" / "model", folder)
+    claims = json.loads((folder / PROVENANCE_FILE).read_text())
+    claims["base_fingerprint"]["unet"] = "f" * 64
+    (folder / PROVENANCE_FILE).write_text(json.dumps(claims))
+    result, report = _audit(setup, folder)
+    assert result.exit_code == 7 and "another base model" in report["violations"][0]["detail"]
+
+
+def test_policy_that_does_not_verify_stops_the_audit(setup, tmp_path):
+    stranger = tmp_path / "stranger.pub"
+    stranger.write_bytes(public_pem(generate_key().public_key()))
+    with pytest.raises(SignatureError):  # the publisher's key is not among the trusted ones
+        audit(setup["root"] / "full", str(setup["model"]), trusted_files=[stranger],
+              use_trust_dirs=False)  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["audit", str(setup["root"] / "full"), "--base", str(setup["model"])]
+    )
+    assert result.exit_code == 5, combined_output(result)
+    result, _ = _audit(setup, tmp_path / "nothing-here")
+    assert result.exit_code == 3 and "not found" in combined_output(result)

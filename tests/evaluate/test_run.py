@@ -1,0 +1,107 @@
+"""`guardtune evaluate` end to end on the embedded model, at a tiny budget, and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guardtune.cli import app
+from guardtune.data import export_digits
+from guardtune.evaluate.defenses import METHODS
+from guardtune.evaluate.run import Measurement, Task, summarise
+from tests.conftest import combined_output
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate-data")
+    return {
+        "illegal": export_digits(root / "sevens", (7,), "test").out,
+        "legal": export_digits(root / "bold", (0, 1), "test", "bold").out,
+    }
+
+
+def _evaluate(runner, folders, *extra):
+    arguments = ["--illegal", str(folders["illegal"]), "--legal", str(folders["legal"])]
+    return runner.invoke(app, ["evaluate", *arguments, *extra])
+
+
+def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders, tmp_path):
+    out, plot = tmp_path / "result.json", tmp_path / "plot.png"
+    tiny = [
+        "--steps",
+        "1,2",
+        "--seeds",
+        "1",
+        "--samples",
+        "2",
+        "--imma-steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
+    result = _evaluate(runner, folders, *tiny, "--plot", str(plot), "--json", str(out))
+    assert result.exit_code == 0, combined_output(result)
+    record = json.loads(out.read_text())
+    assert set(record["frozen_share"]) == set(METHODS)
+    assert record["frozen_share"]["full"] == 0 and record["frozen_share"]["imma"] == 0
+    policy_share = record["frozen_share"]["freezeasguard"]
+    assert 0.25 < policy_share < 0.35  # the shipped policy, p = 0.3 by parameters
+    for method in ("random", "blocks"):  # matched frozen-parameter share
+        assert abs(record["frozen_share"][method] - policy_share) < 0.02
+    measured = {(m["method"], m["task"], m["step"]) for m in record["measurements"]}
+    assert len(measured) == len(METHODS) * 2 * 2
+    for m in record["measurements"]:
+        assert {"held_out_loss", "recognisability", "quality", "frechet"} <= set(m["metrics"])
+    final = [r for r in record["summary"] if r["step"] == 2]
+    assert {r["metric"] for r in final} == {"recognisability", "quality"}
+    assert all(r["versus_full"] == 0 for r in final if r["method"] == "full")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mitigation" in result.stdout and "freezeasguard" in result.stdout
+
+
+def test_summary_compares_with_full_finetuning():
+    task = Task("illegal x", "illegal", None, None, None, ("p",))  # type: ignore[arg-type]
+    legal = Task("legal y", "legal", None, None, None, ("q",))  # type: ignore[arg-type]
+    rows = [
+        Measurement("full", 0, "illegal x", "illegal", 5, {"recognisability": 0.8}),
+        Measurement("full", 1, "illegal x", "illegal", 5, {"recognisability": 0.6}),
+        Measurement("random", 0, "illegal x", "illegal", 5, {"recognisability": 0.35}),
+        Measurement("random", 1, "illegal x", "illegal", 5, {"recognisability": 0.35}),
+        Measurement("full", 0, "legal y", "legal", 5, {"quality": 0.5}),
+        Measurement("full", 1, "legal y", "legal", 5, {"quality": 0.5}),
+        Measurement("random", 0, "legal y", "legal", 5, {"quality": 0.4}),
+        Measurement("random", 1, "legal y", "legal", 5, {"quality": 0.5}),
+    ]
+    summary = {
+        (r.method, r.task): r for r in summarise(rows, ("full", "random"), [task, legal], [5], True)
+    }
+    assert summary["full", "illegal x"].spread == pytest.approx(0.2)
+    assert summary["random", "illegal x"].versus_full == pytest.approx(0.5)  # mitigation
+    assert summary["random", "legal y"].versus_full == pytest.approx(0.1)  # legal impact
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "full,sorcery"], "unknown method 'sorcery'"),
+        (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
+        (["--scorer", "fid"], "unknown scorer"),
+    ],
+)
+def test_bad_requests_are_one_line_exit_3(runner, folders, extra, message):
+    result = _evaluate(runner, folders, *extra)
+    assert result.exit_code == 3
+    assert message in combined_output(result) and "Traceback" not in combined_output(result)
+
+
+def test_missing_folder_and_untrusted_policy_fail_closed(runner, folders, tmp_path):
+    missing = runner.invoke(
+        app, ["evaluate", "--illegal", str(tmp_path / "none"), "--legal", str(folders["legal"])]
+    )
+    assert missing.exit_code == 3 and "does not exist" in combined_output(missing)
+    forged = tmp_path / "policy.json"
+    forged.write_text("{}")
+    refused = _evaluate(runner, folders, "--policy", str(forged))
+    assert refused.exit_code == 4 and "Traceback" not in combined_output(refused)
