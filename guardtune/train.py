@@ -13,6 +13,7 @@ rank verifies the policy and checks the guard; only the main process writes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,6 +140,19 @@ class EncodedData:
         row = {c: i for i, c in enumerate(captions)}
         self.caption_row = torch.tensor([row[c] for c in dataset.captions])
         self.embeddings = embeddings
+
+    @classmethod
+    def concat(cls, parts: list[EncodedData]) -> EncodedData:
+        """One set over several encoded with the same model (e.g. all illegal classes)."""
+        joined = cls.__new__(cls)
+        joined.scaling = parts[0].scaling
+        joined.latent_mean = torch.cat([p.latent_mean for p in parts])
+        joined.latent_std = torch.cat([p.latent_std for p in parts])
+        offsets = list(itertools.accumulate([0] + [p.embeddings.shape[0] for p in parts[:-1]]))
+        rows = [p.caption_row + o for p, o in zip(parts, offsets, strict=True)]
+        joined.caption_row = torch.cat(rows)
+        joined.embeddings = torch.cat([p.embeddings for p in parts])
+        return joined
 
     def __len__(self) -> int:
         return int(self.latent_mean.shape[0])

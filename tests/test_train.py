@@ -334,3 +334,21 @@ def test_encoded_latents_are_contiguous_so_partly_frozen_convs_train(embedded_pi
         unet.load_state_dict(base)
         unet.requires_grad_(False)
         unet.zero_grad(set_to_none=True)
+
+
+def test_encoded_sets_concatenate_with_their_own_captions(embedded_pipeline, data, tmp_path):
+    from guardtune.data import ImageCaptionDataset, scan_folder
+    from guardtune.train import EncodedData
+
+    nines = export_digits(tmp_path / "nines", (9,), "test").out
+    parts = [
+        EncodedData(embedded_pipeline, ImageCaptionDataset(scan_folder(f), 32), torch.device("cpu"))
+        for f in (data, nines)
+    ]
+    joined = EncodedData.concat(parts)
+    assert len(joined) == len(parts[0]) + len(parts[1])
+    # Every example keeps its own caption's text states: 7s say seven, 9s say nine.
+    first, last = joined.caption_row[0], joined.caption_row[-1]
+    assert torch.equal(joined.embeddings[first], parts[0].embeddings[parts[0].caption_row[0]])
+    assert torch.equal(joined.embeddings[last], parts[1].embeddings[parts[1].caption_row[-1]])
+    assert not torch.equal(joined.embeddings[first], joined.embeddings[last])

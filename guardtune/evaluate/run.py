@@ -195,7 +195,7 @@ def defense_for(
         return Defense(method, policy_frozen)
     illegal = [t for t in tasks if t.kind == "illegal"]
     if method == "imma":
-        data = illegal[0].train if len(illegal) == 1 else _joined([t.train for t in illegal])
+        data = EncodedData.concat([t.train for t in illegal])
         return Defense(
             method, weights=immunize(pipeline.unet, scheduler, data, config.imma, report)
         )
@@ -204,20 +204,6 @@ def defense_for(
         preserve = tuple(sorted({p for t in tasks if t.kind == "legal" for p in t.prompts}))
         return Defense(method, weights=uce_edit(pipeline, erase, config.uce_guide, preserve))
     raise DataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-
-
-def _joined(parts: list[EncodedData]) -> EncodedData:
-    """One EncodedData over several (the illegal classes together, for IMMA's defence)."""
-    joined = object.__new__(EncodedData)
-    joined.scaling = parts[0].scaling
-    joined.latent_mean = torch.cat([p.latent_mean for p in parts])
-    joined.latent_std = torch.cat([p.latent_std for p in parts])
-    offsets = np.cumsum([0] + [p.embeddings.shape[0] for p in parts[:-1]])
-    joined.caption_row = torch.cat(
-        [p.caption_row + int(o) for p, o in zip(parts, offsets, strict=True)]
-    )
-    joined.embeddings = torch.cat([p.embeddings for p in parts])
-    return joined
 
 
 def evaluate(
