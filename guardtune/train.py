@@ -139,6 +139,7 @@ class EncodedData:
         self.latent_std = torch.cat(stds).contiguous()
         row = {c: i for i, c in enumerate(captions)}
         self.caption_row = torch.tensor([row[c] for c in dataset.captions])
+        self.captions = captions  # embeddings[i] encodes captions[i]
         self.embeddings = embeddings
 
     @classmethod
@@ -152,6 +153,7 @@ class EncodedData:
         rows = [p.caption_row + o for p, o in zip(parts, offsets, strict=True)]
         joined.caption_row = torch.cat(rows)
         joined.embeddings = torch.cat([p.embeddings for p in parts])
+        joined.captions = [c for p in parts for c in p.captions]
         return joined
 
     def __len__(self) -> int:

@@ -55,23 +55,26 @@ def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def held_out_loss(unet, scheduler, latents: torch.Tensor, states: torch.Tensor) -> float:
-    """Mean denoising loss on held-out examples at fixed noise and evenly spread timesteps."""
+def held_out_losses(unet, scheduler, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Per-example denoising loss on held-out examples, at fixed noise and spread timesteps.
+
+    Timesteps are spread evenly over the schedule (in example order) and the noise is seeded,
+    so two models are compared on exactly the same denoising problems.
+    """
     generator = torch.Generator().manual_seed(1234)
     device = next(unet.parameters()).device
     steps = scheduler.config.num_train_timesteps
-    total, count = 0.0, 0
+    timesteps = torch.linspace(0, steps - 1, latents.shape[0]).long()
+    noise = torch.randn(latents.shape, generator=generator)
+    losses = []
     for start in range(0, latents.shape[0], 32):
-        clean = latents[start : start + 32]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.linspace(0, steps - 1, clean.shape[0]).long()
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+        chunk = slice(start, start + 32)
+        noisy = scheduler.add_noise(latents[chunk], noise[chunk], timesteps[chunk])
         prediction = unet(
-            noisy.to(device), timesteps.to(device), states[start : start + 32].to(device)
+            noisy.to(device), timesteps[chunk].to(device), states[chunk].to(device)
         ).sample.float()
-        total += float(F.mse_loss(prediction.cpu(), noise, reduction="sum"))
-        count += noise.numel()
-    return total / count
+        losses.append((prediction.cpu() - noise[chunk]).pow(2).mean(dim=(1, 2, 3)))
+    return torch.cat(losses)
 
 
 class DigitScorer:

@@ -36,7 +36,7 @@ from guardtune.evaluate.defenses import (
     random_mask,
 )
 from guardtune.evaluate.imma import ImmaConfig, immunize
-from guardtune.evaluate.metrics import Scorer, held_out_loss, make_scorer
+from guardtune.evaluate.metrics import Scorer, held_out_losses, make_scorer
 from guardtune.evaluate.uce import uce_edit
 from guardtune.models import load_pipeline, resolve_model
 from guardtune.progress import track
@@ -291,7 +291,11 @@ def evaluate(
                     def at_checkpoint(step: int, task=task, seed=seed, method=method) -> None:
                         latents = task.held_out.latent_mean * task.held_out.scaling
                         states = task.held_out.embeddings[task.held_out.caption_row]
-                        metrics = {"held_out_loss": held_out_loss(unet, scheduler, latents, states)}
+                        losses = held_out_losses(unet, scheduler, latents, states)
+                        metrics = {"held_out_loss": float(losses.mean())}
+                        for row, prompt in enumerate(task.held_out.captions):  # per class
+                            chosen = task.held_out.caption_row == row
+                            metrics[f"held_out_loss: {prompt}"] = float(losses[chosen].mean())
                         if scorer is not None:
                             images, prompts = _sample(
                                 pipeline, task, config.samples, seed * 7919 + step, config

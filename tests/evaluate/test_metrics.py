@@ -72,3 +72,27 @@ def test_clip_scorer_loads_a_local_folder_and_scores(tmp_path, embedded_pipeline
         make_scorer(f"clip:{tmp_path / 'nothing'}")
     with pytest.raises(DataError, match="unknown scorer"):
         make_scorer("fid")
+
+
+def test_held_out_losses_pose_the_same_problems_to_every_model(embedded_pipeline):
+    from diffusers import DDPMScheduler
+
+    from guardtune.evaluate.metrics import held_out_losses
+
+    scheduler = DDPMScheduler.from_config(embedded_pipeline.scheduler.config)
+    unet = embedded_pipeline.unet
+    latents = torch.randn(40, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = torch.randn(40, 32, 64, generator=torch.Generator().manual_seed(1))
+    first = held_out_losses(unet, scheduler, latents, states)
+    assert first.shape == (40,) and torch.equal(
+        first, held_out_losses(unet, scheduler, latents, states)
+    )
+    weight = unet.conv_out.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.0)  # predicts only the bias: the loss goes up
+        assert held_out_losses(unet, scheduler, latents, states).mean() > first.mean()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -54,6 +54,9 @@ def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders,
     assert len(measured) == len(METHODS) * 2 * 2
     for m in record["measurements"]:
         assert {"held_out_loss", "recognisability", "quality", "frechet"} <= set(m["metrics"])
+        per_class = {k for k in m["metrics"] if k.startswith("held_out_loss: ")}
+        expected = {"seven"} if m["kind"] == "illegal" else {"zero", "one"}
+        assert {k.rsplit(" ", 1)[1] for k in per_class} == expected
     final = [r for r in record["summary"] if r["step"] == 2]
     assert {r["metric"] for r in final} == {"recognisability", "quality"}
     assert all(r["versus_full"] == 0 for r in final if r["method"] == "full")
