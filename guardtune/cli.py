@@ -676,14 +676,16 @@ def evaluate(
         str, typer.Option(help="Comma list of full,random,blocks,freezeasguard,imma,uce.")
     ] = "full,random,blocks,freezeasguard,imma,uce",
     ratio: Annotated[
-        float | None, typer.Option(help="Frozen-parameter share of the freezing baselines.")
+        float | None, typer.Option(help="Frozen-parameter share of random/blocks (the policy's).")
     ] = None,
     steps: Annotated[str, typer.Option(help="User fine-tune checkpoints, e.g. 50,100,200.")] = (
         "50,100,200"
     ),
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per method.")] = 2,
     samples: Annotated[int, typer.Option(min=1, help="Samples per task and checkpoint.")] = 32,
-    scorer: Annotated[str, typer.Option(help="digits, clip:FOLDER or loss.")] = "digits",
+    scorer: Annotated[
+        str, typer.Option(help="auto (digits on the embedded model, else loss), clip:FOLDER.")
+    ] = "auto",
     lr: Annotated[float, typer.Option(help="The simulated user's learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(min=1, help="The user's batch size.")] = 16,
     imma_steps: Annotated[int, typer.Option(min=1, help="IMMA immunisation rounds.")] = 200,

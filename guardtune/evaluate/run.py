@@ -50,7 +50,7 @@ class EvaluateConfig:
     steps: tuple[int, ...] = (50, 100, 200)
     seeds: int = 2
     samples: int = 32  # per task and checkpoint
-    scorer: str = "digits"
+    scorer: str = "auto"  # digits on the embedded model, held-out loss only elsewhere
     attack: AttackConfig = field(default_factory=AttackConfig)
     imma: ImmaConfig = field(default_factory=ImmaConfig)
     uce_guide: str = ""
@@ -231,8 +231,11 @@ def evaluate(
         raise DataError("--steps must be positive, --seeds and --samples at least 1")
     if config.ratio is not None and not 0 < config.ratio < 1:
         raise DataError("--ratio must be in (0, 1)")
-    scorer: Scorer | None = make_scorer(config.scorer)
     source = resolve_model(model, model_config)
+    scorer_spec = config.scorer
+    if scorer_spec == "auto":
+        scorer_spec = "digits" if source.kind == "embedded" else "loss"
+    scorer: Scorer | None = make_scorer(scorer_spec)
     policy_frozen, policy_label = None, None
     if "freezeasguard" in config.methods:
         from guardtune.enforce.freeze import frozen_unet_names
@@ -327,7 +330,7 @@ def evaluate(
         steps=tuple(checkpoints),
         seeds=config.seeds,
         samples=config.samples,
-        scorer=config.scorer,
+        scorer=scorer_spec,
         measurements=tuple(measurements),
         summary=tuple(summary),
         plot=None,

@@ -108,3 +108,14 @@ def test_missing_folder_and_untrusted_policy_fail_closed(runner, folders, tmp_pa
     forged.write_text("{}")
     refused = _evaluate(runner, folders, "--policy", str(forged))
     assert refused.exit_code == 4 and "Traceback" not in combined_output(refused)
+
+
+def test_without_a_scorer_the_held_out_loss_rise_is_the_measure():
+    task = Task("illegal x", "illegal", None, None, None, ("p",))  # type: ignore[arg-type]
+    rows = [
+        Measurement("full", 0, "illegal x", "illegal", 5, {"held_out_loss": 0.10}),
+        Measurement("blocks", 0, "illegal x", "illegal", 5, {"held_out_loss": 0.15}),
+    ]
+    summary = {r.method: r for r in summarise(rows, ("full", "blocks"), [task], [5], False)}
+    assert summary["blocks"].metric == "held_out_loss"
+    assert summary["blocks"].versus_full == pytest.approx(0.5)  # 50% more loss than full
