@@ -673,8 +673,8 @@ def evaluate(
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     methods: Annotated[
-        str, typer.Option(help="Comma list of full,random,blocks,freezeasguard,imma,uce.")
-    ] = "full,random,blocks,freezeasguard,imma,uce",
+        str, typer.Option(help="Comma list of full,random,blocks,freezeasguard,imma,uce,persguard.")
+    ] = "full,random,blocks,freezeasguard,imma,uce,persguard",
     ratio: Annotated[
         float | None, typer.Option(help="Frozen-parameter share of random/blocks (the policy's).")
     ] = None,
@@ -688,7 +688,9 @@ def evaluate(
     ] = "auto",
     lr: Annotated[float, typer.Option(help="The simulated user's learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(min=1, help="The user's batch size.")] = 16,
-    imma_steps: Annotated[int, typer.Option(min=1, help="IMMA immunisation rounds.")] = 200,
+    defense_steps: Annotated[
+        int, typer.Option(min=1, help="Training rounds of the IMMA and PersGuard defences.")
+    ] = 200,
     plot: Annotated[Path | None, typer.Option(help="PNG plot of the results.")] = Path(
         "runs/evaluate/evaluate.png"
     ),
@@ -697,6 +699,7 @@ def evaluate(
     """Measure how much each method stops illegal adaptation and costs legal adaptation."""
     from guardtune.evaluate.attack import AttackConfig
     from guardtune.evaluate.imma import ImmaConfig
+    from guardtune.evaluate.persguard import PersGuardConfig
     from guardtune.evaluate.run import EvaluateConfig
     from guardtune.evaluate.run import evaluate as run_evaluate
 
@@ -708,7 +711,8 @@ def evaluate(
     config = EvaluateConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), ratio=ratio,
         steps=checkpoints, seeds=seeds, samples=samples, scorer=scorer,
-        attack=AttackConfig(lr=lr, batch_size=batch_size), imma=ImmaConfig(steps=imma_steps),
+        attack=AttackConfig(lr=lr, batch_size=batch_size), imma=ImmaConfig(steps=defense_steps),
+        persguard=PersGuardConfig(steps=defense_steps),
     )  # fmt: skip
 
     def render(result) -> None:

@@ -1,8 +1,8 @@
 """The methods `evaluate` compares, as what each hands the user: frozen tensors, or new weights.
 
 Freezing methods (full, random, blocks, freezeasguard) leave the weights as published and name
-tensors the user cannot train; immunising methods (IMMA, UCE) change the weights and freeze
-nothing. Freezing methods are compared at the same frozen-parameter share, the policy's.
+tensors the user cannot train; immunising methods (IMMA, UCE, PersGuard) change the weights and
+freeze nothing. Freezing methods are compared at the same frozen-parameter share, the policy's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from guardtune.blocks import block_of
 from guardtune.learn.binarize import freeze_top, random_scores
 
-METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce")
+METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce", "persguard")
 FREEZING = ("full", "random", "blocks", "freezeasguard")
 # Methods whose outcome depends on the seed beyond the user's fine-tune (they draw a mask).
 SEEDED = ("random", "blocks")

@@ -37,6 +37,7 @@ from guardtune.evaluate.defenses import (
 )
 from guardtune.evaluate.imma import ImmaConfig, immunize
 from guardtune.evaluate.metrics import Scorer, held_out_losses, make_scorer
+from guardtune.evaluate.persguard import PersGuardConfig, implant
 from guardtune.evaluate.uce import uce_edit
 from guardtune.models import load_pipeline, resolve_model
 from guardtune.progress import track
@@ -53,6 +54,7 @@ class EvaluateConfig:
     scorer: str = "auto"  # digits on the embedded model, held-out loss only elsewhere
     attack: AttackConfig = field(default_factory=AttackConfig)
     imma: ImmaConfig = field(default_factory=ImmaConfig)
+    persguard: PersGuardConfig = field(default_factory=PersGuardConfig)
     uce_guide: str = ""
     inference_steps: int = 25
     guidance: float = 5.0
@@ -199,6 +201,11 @@ def defense_for(
         return Defense(
             method, weights=immunize(pipeline.unet, scheduler, data, config.imma, report)
         )
+    if method == "persguard":
+        legal = EncodedData.concat([t.train for t in tasks if t.kind == "legal"])
+        data = EncodedData.concat([t.train for t in illegal])
+        weights = implant(pipeline, scheduler, data, legal, config.persguard, report)
+        return Defense(method, weights=weights)
     if method == "uce":
         erase = sorted({p for t in illegal for p in t.prompts})
         preserve = tuple(sorted({p for t in tasks if t.kind == "legal" for p in t.prompts}))
@@ -267,6 +274,7 @@ def evaluate(
     checkpoints = sorted(set(config.steps))
     runs = len(config.methods) * config.seeds * len(tasks)
     total = runs * max(checkpoints) + config.imma.steps * ("imma" in config.methods)
+    total += config.persguard.steps * ("persguard" in config.methods)
     measurements: list[Measurement] = []
     shares: dict[str, float] = {}
     with track("evaluate", total, device, enabled=show_progress) as report:

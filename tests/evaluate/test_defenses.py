@@ -91,3 +91,40 @@ def test_imma_moves_only_attention_projections(embedded_pipeline, tmp_path):
     # The UNet itself is untouched, its requires_grad flags as they were.
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
+
+
+def test_persguard_implants_a_backdoor_in_the_unet_only(embedded_pipeline, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from guardtune.evaluate.persguard import PersGuardConfig, _loss, implant, target_pattern
+
+    def encoded(classes, style):
+        folder = export_digits(tmp_path / style, classes, "test", style).out
+        return EncodedData(
+            embedded_pipeline, ImageCaptionDataset(scan_folder(folder), 32), torch.device("cpu")
+        )
+
+    illegal, legal = encoded((7,), "plain"), encoded((0, 1), "bold")
+    unet = embedded_pipeline.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    others = {k: v.clone() for k, v in embedded_pipeline.text_encoder.state_dict().items()}
+    scheduler = DDPMScheduler.from_config(embedded_pipeline.scheduler.config)
+    config = PersGuardConfig(steps=8, lr=1e-3, batch_size=4)
+    weights = implant(embedded_pipeline, scheduler, illegal, legal, config)
+    assert set(weights) == {n for n, _ in unet.named_parameters()}
+    assert sum(not torch.equal(weights[n], before[n]) for n in weights) > len(weights) // 2
+    pattern = target_pattern(embedded_pipeline).expand(16, -1, -1, -1)
+    _, states = illegal.batch(16, torch.Generator().manual_seed(5))
+
+    def backdoor_loss(parameters):
+        with torch.no_grad():
+            return _loss(unet, parameters, scheduler, pattern, states, torch.Generator())
+
+    published = {n: before[n] for n in weights}
+    # Under the protected prompts the implanted UNet draws the pattern better than the base.
+    assert backdoor_loss(weights) < backdoor_loss(published)
+    # The pipeline itself, text encoder included, is untouched.
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert all(
+        torch.equal(v, others[k]) for k, v in embedded_pipeline.text_encoder.state_dict().items()
+    )
