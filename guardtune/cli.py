@@ -694,9 +694,16 @@ def evaluate(
     plot: Annotated[Path | None, typer.Option(help="PNG plot of the results.")] = Path(
         "runs/evaluate/evaluate.png"
     ),
+    work_dir: Annotated[
+        Path, typer.Option(help="Journal of finished runs; the same evaluation resumes from it.")
+    ] = Path("runs/evaluate"),
     json_path: JsonOption = None,
 ) -> None:
-    """Measure how much each method stops illegal adaptation and costs legal adaptation."""
+    """Measure how much each method stops illegal adaptation and costs legal adaptation.
+
+    Every finished run is journalled under --work-dir: rerunning the same command after a
+    crash (or to see the tables again) continues where it stopped.
+    """
     from guardtune.evaluate.attack import AttackConfig
     from guardtune.evaluate.imma import ImmaConfig
     from guardtune.evaluate.persguard import PersGuardConfig
@@ -727,7 +734,7 @@ def evaluate(
             better = "lower" if kind == "illegal" and scored else "higher"
             if not scored:
                 better = "higher" if kind == "illegal" else "lower"
-            table.add_column(f"{task}\n{metric} ({better} better)", justify="right")
+            table.add_column(f"{kind}: {task}\n{metric} ({better} better)", justify="right")
             table.add_column("mitigation" if kind == "illegal" else "legal impact",
                              justify="right")  # fmt: skip
         for method in dict.fromkeys(r.method for r in final):
@@ -753,11 +760,11 @@ def evaluate(
             curve.add_row(*cells)
         out_console.print(curve)
         plotted = f"plot: {result.plot}   " if result.plot else ""
-        out_console.print(f"{plotted}{result.seconds:.0f} s")
+        out_console.print(f"{plotted}journal: {result.journal}   {result.seconds:.0f} s")
 
     run_command(
         lambda: run_evaluate(illegal, legal, model, model_config, policy, tuple(trusted or ()),
-                             config, plot),
+                             config, plot, workdir=work_dir),
         json_path, render,
     )  # fmt: skip
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardtune.blocks import block_of
-from guardtune.learn.binarize import freeze_top, random_scores
+from guardtune.learn.binarize import random_scores
 
 METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce", "persguard")
 FREEZING = ("full", "random", "blocks", "freezeasguard")
@@ -33,9 +33,34 @@ class Defense:
         return sum(numel[n] for n in self.frozen) / sum(numel.values())
 
 
+def fill_to_share(
+    order: list[str], numel: dict[str, int], share: float, frozen: frozenset[str] = frozenset()
+) -> frozenset[str]:
+    """Add tensors in `order` while they fit under the share, then the one landing closest.
+
+    Matching the share this way (rather than freezing down the order until it is passed, which
+    a single large tensor can overshoot by several points) keeps every freezing method within a
+    bias vector's size of the same frozen-parameter share.
+    """
+    target = share * sum(numel.values())
+    chosen = set(frozen)
+    covered = sum(numel[n] for n in chosen)
+    for name in order:
+        if name not in chosen and covered + numel[name] <= target:
+            chosen.add(name)
+            covered += numel[name]
+    rest = [n for n in order if n not in chosen]
+    if rest:
+        closest = min(rest, key=lambda n: abs(covered + numel[n] - target))
+        if abs(covered + numel[closest] - target) < target - covered:
+            chosen.add(closest)
+    return frozenset(chosen)
+
+
 def random_mask(numel: dict[str, int], share: float, seed: int) -> frozenset[str]:
-    """The paper's random-p baseline at a frozen-parameter share."""
-    return frozenset(freeze_top(random_scores(list(numel), seed), numel, share, "parameters"))
+    """The paper's random-p baseline: tensors in a seeded random order, at a parameter share."""
+    draw = random_scores(list(numel), seed)
+    return fill_to_share(sorted(numel, key=lambda n: -draw[n]), numel, share)
 
 
 def low_resolution_order(names: list[str]) -> list[str]:
@@ -75,12 +100,7 @@ def blocks_mask(numel: dict[str, int], share: float, seed: int) -> frozenset[str
         covered += size
     rest = [n for n in numel if n not in frozen]
     draw = random_scores(rest, seed)
-    for name in sorted(rest, key=lambda n: draw[n], reverse=True):
-        if covered >= share * total:
-            break
-        frozen.add(name)
-        covered += numel[name]
-    return frozenset(frozen)
+    return fill_to_share(sorted(rest, key=lambda n: -draw[n]), numel, share, frozenset(frozen))
 
 
 ATTENTION_PROJECTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")

@@ -15,7 +15,10 @@ relative rise over full fine-tuning.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,7 +44,7 @@ from guardtune.evaluate.persguard import PersGuardConfig, implant
 from guardtune.evaluate.uce import uce_edit
 from guardtune.models import load_pipeline, resolve_model
 from guardtune.progress import track
-from guardtune.train import EncodedData
+from guardtune.train import EncodedData, data_digest
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Task:
     held_out: EncodedData = field(repr=False)
     reference: torch.Tensor = field(repr=False)  # held-out real images in [0, 1]
     prompts: tuple[str, ...]
+    digest: str = ""  # of the folder's images and captions
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ class SummaryRow:
 class EvaluationResult:
     model: str
     policy: str | None
-    frozen_share: dict[str, float]
+    frozen_share: dict[str, float]  # method -> frozen-parameter share, mean over seeds
     tasks: dict[str, str]  # name -> kind
     steps: tuple[int, ...]
     seeds: int
@@ -108,6 +112,7 @@ class EvaluationResult:
     measurements: tuple[Measurement, ...]
     summary: tuple[SummaryRow, ...]
     plot: Path | None
+    journal: Path  # every measurement as it was taken; a rerun resumes from it
     seconds: float
 
     def final(self) -> list[SummaryRow]:
@@ -127,17 +132,19 @@ def _split(scan: FolderScan, every: int) -> tuple[FolderScan, FolderScan]:
 
 
 def _task(pipeline, folder: Path, kind: str, every: int, resolution: int) -> Task:
-    train_scan, held_scan = _split(scan_folder(folder), every)
+    scan = scan_folder(folder)
+    train_scan, held_scan = _split(scan, every)
     device = pipeline.unet.device
     held_images = ImageCaptionDataset(held_scan, resolution)
     reference = (torch.stack(held_images.pixels) + 1) / 2
     return Task(
-        name=f"{kind} {Path(folder).name}",
+        name=Path(folder).name,
         kind=kind,
         train=EncodedData(pipeline, ImageCaptionDataset(train_scan, resolution), device),
         held_out=EncodedData(pipeline, held_images, device),
         reference=reference,
         prompts=tuple(sorted(set(held_images.captions))),
+        digest=data_digest(scan),
     )
 
 
@@ -171,6 +178,43 @@ def _sample(pipeline, task: Task, samples: int, seed: int, config: EvaluateConfi
         )
         images.append(output.images.float().cpu())
     return torch.cat(images), prompts
+
+
+def _measure(pipeline, scheduler, task: Task, scorer: Scorer | None, all_prompts: list[str],
+             config: EvaluateConfig, sample_seed: int) -> dict[str, float]:  # fmt: skip
+    """Held-out loss (overall and per class) and, with a scorer, the scores of fresh samples."""
+    held = task.held_out
+    losses = held_out_losses(pipeline.unet, scheduler, held.latent_mean * held.scaling,
+                             held.embeddings[held.caption_row])  # fmt: skip
+    metrics = {"held_out_loss": float(losses.mean())}
+    for row, prompt in enumerate(held.captions):
+        metrics[f"held_out_loss: {prompt}"] = float(losses[held.caption_row == row].mean())
+    if scorer is not None:
+        images, prompts = _sample(pipeline, task, config.samples, sample_seed, config)
+        metrics |= scorer.score(images, prompts, all_prompts, task.reference)
+    return metrics
+
+
+def _settings(config, checkpoints, share, scorer, source, policy, tasks) -> dict:
+    """Everything that decides an evaluation's numbers, as JSON."""
+    from guardtune.fingerprint import fingerprint_model
+
+    chosen = dataclasses.asdict(config) | {"steps": checkpoints, "ratio": share, "scorer": scorer}
+    # The code that produces the numbers is part of them: a fixed baseline starts a new journal.
+    code = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(path.read_bytes())
+    return {
+        "config": chosen,
+        "code": code.hexdigest(),
+        "model": fingerprint_model(source, ("unet",))["unet"].root,
+        "policy": hashlib.sha256(Path(policy).read_bytes()).hexdigest() if policy else None,
+        "tasks": {t.name: [t.kind, t.digest] for t in tasks},
+    }
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def defense_for(
@@ -223,6 +267,7 @@ def evaluate(
     config: EvaluateConfig = EvaluateConfig(),
     plot: Path | None = None,
     show_progress: bool = True,
+    workdir: Path | None = None,
 ) -> EvaluationResult:
     """Run the plan; see the module docstring."""
     started = time.perf_counter()
@@ -272,68 +317,66 @@ def evaluate(
         share = sum(numel[n] for n in policy_frozen) / sum(numel.values()) if policy_frozen else 0.3
 
     checkpoints = sorted(set(config.steps))
-    runs = len(config.methods) * config.seeds * len(tasks)
-    total = runs * max(checkpoints) + config.imma.steps * ("imma" in config.methods)
-    total += config.persguard.steps * ("persguard" in config.methods)
-    measurements: list[Measurement] = []
-    shares: dict[str, float] = {}
+    # Every finished (method, seed, task) run is journalled at once; the journal's name is the
+    # digest of everything that decides the numbers, so a rerun of a killed (or finished)
+    # evaluation picks up its runs, and a changed one starts its own.
+    settings = _settings(config, checkpoints, share, scorer_spec, source, policy_label, tasks)
+    journal = (workdir or Path("runs") / "evaluate") / f"journal-{_digest(settings)[:16]}.json"
+    saved = json.loads(journal.read_text()) if journal.is_file() else {}
+    measurements = [Measurement(**m) for m in saved.get("measurements", [])]
+    shares: dict[str, float] = dict(saved.get("frozen_share", {}))
+    done = {(m.method, m.seed, m.task) for m in measurements}
+
+    def save() -> None:
+        record = {"settings": settings, "frozen_share": shares,
+                  "measurements": [dataclasses.asdict(m) for m in measurements]}  # fmt: skip
+        atomic.write_json(journal, record)
+
+    todo_runs = [(m, s, t.name) for m in config.methods for s in range(config.seeds) for t in tasks]
+    todo_runs = [run for run in todo_runs if run not in done]
+    pending = {m for m, _, _ in todo_runs}
+    total = len(todo_runs) * max(checkpoints) + config.imma.steps * ("imma" in pending)
+    total += config.persguard.steps * ("persguard" in pending)
     with track("evaluate", total, device, enabled=show_progress) as report:
         for method in config.methods:
             defense = None
             for seed in range(config.seeds):
+                todo = [t for t in tasks if (method, seed, t.name) not in done]
+                if not todo:
+                    continue
                 if defense is None or method in SEEDED:
                     unet.load_state_dict(base)
-                    defense = defense_for(
-                        method,
-                        seed,
-                        pipeline,
-                        scheduler,
-                        numel,
-                        share,
-                        policy_frozen,
-                        tasks,
-                        config,
-                        report,
-                    )
-                shares[method] = defense.frozen_share(numel)
+                    defense = defense_for(method, seed, pipeline, scheduler, numel, share,
+                                          policy_frozen, tasks, config, report)  # fmt: skip
+                shares[f"{method} seed {seed}"] = defense.frozen_share(numel)
                 start = {**base, **(defense.weights or {})}
-                for task in tasks:
+                for task in todo:
+                    found: list[Measurement] = []
 
-                    def at_checkpoint(step: int, task=task, seed=seed, method=method) -> None:
-                        latents = task.held_out.latent_mean * task.held_out.scaling
-                        states = task.held_out.embeddings[task.held_out.caption_row]
-                        losses = held_out_losses(unet, scheduler, latents, states)
-                        metrics = {"held_out_loss": float(losses.mean())}
-                        for row, prompt in enumerate(task.held_out.captions):  # per class
-                            chosen = task.held_out.caption_row == row
-                            metrics[f"held_out_loss: {prompt}"] = float(losses[chosen].mean())
-                        if scorer is not None:
-                            images, prompts = _sample(
-                                pipeline, task, config.samples, seed * 7919 + step, config
-                            )
-                            metrics |= scorer.score(images, prompts, all_prompts, task.reference)
-                        measurements.append(
-                            Measurement(method, seed, task.name, task.kind, step, metrics)
-                        )
+                    def at_checkpoint(
+                        step: int, task=task, seed=seed, method=method, found=found
+                    ) -> None:
+                        metrics = _measure(
+                            pipeline, scheduler, task, scorer, all_prompts, config,
+                            seed * 7919 + step,
+                        )  # fmt: skip
+                        found.append(Measurement(method, seed, task.name, task.kind, step, metrics))
 
                     user_finetune(
-                        unet,
-                        scheduler,
-                        start,
-                        defense.frozen,
-                        task.train,
-                        checkpoints,
-                        at_checkpoint,
-                        seed,
-                        config.attack,
-                        report,
-                    )
+                        unet, scheduler, start, defense.frozen, task.train, checkpoints,
+                        at_checkpoint, seed, config.attack, report,
+                    )  # fmt: skip
+                    measurements.extend(found)  # a run is journalled whole, or not at all
+                    save()
     unet.load_state_dict(base)
+    by_method = {m: [v for k, v in shares.items() if k.rsplit(" seed ", 1)[0] == m]
+                 for m in config.methods}  # fmt: skip
+    frozen_share = {m: float(np.mean(v)) for m, v in by_method.items() if v}
     summary = summarise(measurements, config.methods, tasks, checkpoints, scorer is not None)
     result = EvaluationResult(
         model=source.label,
         policy=policy_label,
-        frozen_share=shares,
+        frozen_share=frozen_share,
         tasks={t.name: t.kind for t in tasks},
         steps=tuple(checkpoints),
         seeds=config.seeds,
@@ -342,6 +385,7 @@ def evaluate(
         measurements=tuple(measurements),
         summary=tuple(summary),
         plot=None,
+        journal=journal,
         seconds=time.perf_counter() - started,
     )
     if plot is not None:

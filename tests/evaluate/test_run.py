@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,8 @@ def _evaluate(runner, folders, *extra):
 def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders, tmp_path):
     out, plot = tmp_path / "result.json", tmp_path / "plot.png"
     tiny = [
+        "--work-dir",
+        str(tmp_path / "work"),
         "--steps",
         "1,2",
         "--seeds",
@@ -62,6 +65,16 @@ def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders,
     assert all(r["versus_full"] == 0 for r in final if r["method"] == "full")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mitigation" in result.stdout and "freezeasguard" in result.stdout
+    # The journal holds every run: the same command again resumes them all and trains nothing.
+    journal = Path(record["journal"])
+    assert journal.parent == tmp_path / "work" and len(
+        json.loads(journal.read_text())["measurements"]
+    ) == len(record["measurements"])
+    again = _evaluate(runner, folders, *tiny, "--plot", str(plot), "--json", str(out))
+    assert again.exit_code == 0, combined_output(again)
+    repeated = json.loads(out.read_text())
+    assert repeated["measurements"] == record["measurements"]
+    assert repeated["seconds"] < record["seconds"] / 2
 
 
 def test_summary_compares_with_full_finetuning():
