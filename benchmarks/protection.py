@@ -145,8 +145,11 @@ def main() -> None:
         for m, by_task in saved.get("results", {}).items()
     }
 
+    def share_of(frozen) -> float:
+        return sum(numel[n] for n in frozen) / sum(numel.values())
+
     def save() -> None:
-        shares = {m: sum(numel[n] for n in f) / sum(numel.values()) for m, f in masks.items()}
+        shares = {m: share_of(f) for m, f in masks.items()}
         listed = {m: sorted(f) for m, f in masks.items()}
         record = {"settings": settings, "results": results, "frozen_share": shares,
                   "bold_threshold": bold_at, "masks": listed}  # fmt: skip
@@ -158,7 +161,7 @@ def main() -> None:
         pipeline.unet.load_state_dict(base_state)
         config = LearnerConfig(**{**learner.__dict__, "ratio": ratio})
         learned = learn_mask(pipeline.unet, pipeline.noise_scheduler, illegal, legal_bold, config)
-        learned_share = sum(numel[n] for n in learned.frozen) / sum(numel.values())
+        learned_share = share_of(learned.frozen)
         masks[f"freezeasguard p={ratio}"] = set(learned.frozen)
         for seed in range(args.random_seeds):
             frozen = freeze_top(random_scores(names, seed), numel, learned_share, "parameters")
@@ -175,7 +178,7 @@ def main() -> None:
         }
         console.print(mask_name, json.dumps(results[mask_name]))
         save()
-    shares = {m: sum(numel[n] for n in f) / sum(numel.values()) for m, f in masks.items()}
+    shares = {m: share_of(f) for m, f in masks.items()}
 
     table = Table(title="Recognisability after the user's fine-tune (higher = adaptation learned)")
     table.add_column("mask")

@@ -96,12 +96,12 @@ def read_header(path: Path) -> list[TensorRecord]:
     return _parse_header(path)[0]
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The header's `__metadata__` strings (empty if it has none)."""
-    metadata = _parse_header(path)[1]
+def read_header_and_metadata(path: Path) -> tuple[list[TensorRecord], dict[str, str]]:
+    """The tensors, as `read_header`, and the header's `__metadata__` strings (may be empty)."""
+    records, metadata = _parse_header(path)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise DataError(f"{path}: corrupt safetensors metadata")
-    return metadata
+    return records, metadata
 
 
 def _parse_header(path: Path) -> tuple[list[TensorRecord], object]:

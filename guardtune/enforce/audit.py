@@ -41,7 +41,7 @@ from guardtune.fingerprint import (
     load_record,
     model_tensors,
     read_header,
-    read_metadata,
+    read_header_and_metadata,
     renamed,
 )
 from guardtune.keynames import (
@@ -182,8 +182,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def _single_file(path: Path, fallback_provenance: Path | None = None) -> Derivative:
     if path.suffix != ".safetensors":
         raise DataError(f"{path} is not a .safetensors file", hint="convert it first")
-    records = read_header(path)
-    metadata = read_metadata(path)
+    records, metadata = read_header_and_metadata(path)
     text = metadata.get(PROVENANCE_METADATA_KEY)
     where: str | None = f"{path.name} metadata"
     if text is None and fallback_provenance is not None:
@@ -356,10 +355,9 @@ def _audit_lora(
             unmapped.append(record.name)
         else:
             adapted.add(parsed.module)
-            if f"unet.{parsed.module}.{parsed.parameter}" in frozen_set:
-                on_frozen.setdefault(f"unet.{parsed.module}.{parsed.parameter}", []).append(
-                    record.name
-                )
+            target = f"unet.{parsed.module}.{parsed.parameter}"
+            if target in frozen_set:
+                on_frozen.setdefault(target, []).append(record.name)
     violations = [
         Finding(name, "lora-on-frozen", f"{len(keys)} adapter tensor(s) adapt it", keys[0])
         for name, keys in sorted(on_frozen.items())
@@ -370,7 +368,7 @@ def _audit_lora(
     ]
     if full_tensors:  # whole tensors in a LoRA file must respect the freeze like a full model
         extra = Derivative(found.path, "full", "diffusers", tuple(full_tensors), None, None)
-        present = sorted(set(frozen) & set(_policy_names(extra, base_records)))
+        present = sorted(frozen_set & set(_policy_names(extra, base_records)))
         _, full_violations = _audit_full(extra, present, verified, base_records, strict)
         violations += full_violations
         counts["whole frozen tensors carried"] += len(present)

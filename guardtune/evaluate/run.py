@@ -71,8 +71,12 @@ class Task:
     train: EncodedData = field(repr=False)
     held_out: EncodedData = field(repr=False)
     reference: torch.Tensor = field(repr=False)  # held-out real images in [0, 1]
-    prompts: tuple[str, ...]
     digest: str = ""  # of the folder's images and captions
+
+    @property
+    def prompts(self) -> list[str]:
+        """The held-out captions, each once: what samples are drawn and scored with."""
+        return self.held_out.captions
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,6 @@ def _task(pipeline, folder: Path, kind: str, every: int, resolution: int) -> Tas
         train=EncodedData(pipeline, ImageCaptionDataset(train_scan, resolution), device),
         held_out=EncodedData(pipeline, held_images, device),
         reference=reference,
-        prompts=tuple(sorted(set(held_images.captions))),
         digest=data_digest(scan),
     )
 
@@ -195,10 +198,8 @@ def _measure(pipeline, scheduler, task: Task, scorer: Scorer | None, all_prompts
     return metrics
 
 
-def _settings(config, checkpoints, share, scorer, source, policy, tasks) -> dict:
+def _settings(config, checkpoints, share, scorer, model_root, policy, tasks) -> dict:
     """Everything that decides an evaluation's numbers, as JSON."""
-    from guardtune.fingerprint import fingerprint_model
-
     chosen = dataclasses.asdict(config) | {"steps": checkpoints, "ratio": share, "scorer": scorer}
     # The code that produces the numbers is part of them: a fixed baseline starts a new journal.
     code = hashlib.sha256()
@@ -207,7 +208,7 @@ def _settings(config, checkpoints, share, scorer, source, policy, tasks) -> dict
     return {
         "config": chosen,
         "code": code.hexdigest(),
-        "model": fingerprint_model(source, ("unet",))["unet"].root,
+        "model": model_root,
         "policy": hashlib.sha256(Path(policy).read_bytes()).hexdigest() if policy else None,
         "tasks": {t.name: [t.kind, t.digest] for t in tasks},
     }
@@ -296,6 +297,11 @@ def evaluate(
         verified = verify_policy(source, policy, trusted)  # fails closed, as finetune does
         policy_frozen = frozenset(frozen_unet_names(verified.policy))
         policy_label = str(verified.policy_path)
+        model_root = verified.policy.model["unet"].root  # verification just matched it
+    else:
+        from guardtune.fingerprint import fingerprint_model
+
+        model_root = fingerprint_model(source, ("unet",))["unet"].root
     from diffusers import DDPMScheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -320,7 +326,7 @@ def evaluate(
     # Every finished (method, seed, task) run is journalled at once; the journal's name is the
     # digest of everything that decides the numbers, so a rerun of a killed (or finished)
     # evaluation picks up its runs, and a changed one starts its own.
-    settings = _settings(config, checkpoints, share, scorer_spec, source, policy_label, tasks)
+    settings = _settings(config, checkpoints, share, scorer_spec, model_root, policy_label, tasks)
     journal = (workdir or Path("runs") / "evaluate") / f"journal-{_digest(settings)[:16]}.json"
     saved = json.loads(journal.read_text()) if journal.is_file() else {}
     measurements = [Measurement(**m) for m in saved.get("measurements", [])]

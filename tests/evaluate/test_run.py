@@ -78,8 +78,8 @@ def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders,
 
 
 def test_summary_compares_with_full_finetuning():
-    task = Task("illegal x", "illegal", None, None, None, ("p",))  # type: ignore[arg-type]
-    legal = Task("legal y", "legal", None, None, None, ("q",))  # type: ignore[arg-type]
+    task = Task("illegal x", "illegal", None, None, None)  # type: ignore[arg-type]
+    legal = Task("legal y", "legal", None, None, None)  # type: ignore[arg-type]
     rows = [
         Measurement("full", 0, "illegal x", "illegal", 5, {"recognisability": 0.8}),
         Measurement("full", 1, "illegal x", "illegal", 5, {"recognisability": 0.6}),
@@ -124,7 +124,7 @@ def test_missing_folder_and_untrusted_policy_fail_closed(runner, folders, tmp_pa
 
 
 def test_without_a_scorer_the_held_out_loss_rise_is_the_measure():
-    task = Task("illegal x", "illegal", None, None, None, ("p",))  # type: ignore[arg-type]
+    task = Task("illegal x", "illegal", None, None, None)  # type: ignore[arg-type]
     rows = [
         Measurement("full", 0, "illegal x", "illegal", 5, {"held_out_loss": 0.10}),
         Measurement("blocks", 0, "illegal x", "illegal", 5, {"held_out_loss": 0.15}),
