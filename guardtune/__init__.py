@@ -16,3 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+# Large CPU tensors on transparent huge pages (torch reads this once, at its first large
+# allocation, so it must be set before any model is built). Training on CPU allocates every
+# gradient fresh each step, and with 4 KiB pages the page faults cost more than the arithmetic
+# of the mask learner's extra passes: on an SD v1.5-size UNet, before the learner stepped in
+# backward, one mask-update cycle took 1.58x a plain fine-tune's steps with 4 KiB pages and
+# 1.10x with huge pages on both sides (benchmarks/learner.py).
+# Set THP_MEM_ALLOC_ENABLE=0 to trade that speed for a smaller resident set.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,26 +102,128 @@ def _buckets(tensors: list[torch.Tensor], bucket: int) -> list[tuple[int, int]]:
 
 
 class _FlatDot:
-    """Per-tensor inner products <a_i, b_i> for all tensors, a few kernel launches per bucket.
+    """Per-tensor inner products <a_i, b_i> for many small tensors, a few kernel launches in all.
 
     Tensors are multiplied with one foreach op, then concatenated and segment-summed in buckets
     of at most `bucket` values, so the flat copy never approaches the size of the model.
     """
 
     def __init__(self, tensors: list[torch.Tensor], bucket: int = 1 << 24) -> None:
-        device = tensors[0].device
+        device = tensors[0].device if tensors else torch.device("cpu")
         self.groups = [
             (start, stop, torch.tensor([t.numel() for t in tensors[start:stop]], device=device))
             for start, stop in _buckets(tensors, bucket)
         ]
 
     def __call__(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        if not a:
+            return torch.zeros(0)
         torch._foreach_mul_(a, b)  # a is consumed: it is a gradient we no longer need
         sums = []
         for start, stop, lengths in self.groups:
             flat = torch.cat([t.reshape(-1) for t in a[start:stop]])
             sums.append(torch.segment_reduce(flat, "sum", lengths=lengths))
         return torch.cat(sums)
+
+
+class _InBackward:
+    """A user step's or a mask step's per-tensor work, done as each large gradient lands.
+
+    As torchtune's optimizer-in-backward: autograd calls a hook the moment a large tensor's
+    gradient is complete, the hook uses it (the user's masked Adam step, or the inner product
+    <g, theta_d> of a mask step) and drops it. So a backward never holds a whole model's
+    gradients (on an SD v1.5-size UNet, 3.4 GB fewer at peak), each freed buffer is reused by
+    the next instead of faulting in fresh pages, and a large tensor's inner product is one dot
+    that writes nothing. Small tensors (biases, norms: half of an SD UNet's tensors, a tiny
+    share of its values) keep their gradients and are done together after the backward with
+    foreach ops, where a kernel launch each would cost more than the arithmetic.
+
+    The arithmetic is the same elementwise arithmetic as one multi-tensor step, in another order.
+    """
+
+    def __init__(self, params, theta_d, world: int, large: int = 1 << 16) -> None:
+        self.params, self.theta_d, self.world = params, theta_d, world
+        self.large = [i for i, p in enumerate(params) if p.numel() >= large]
+        self.small = [i for i, p in enumerate(params) if p.numel() < large]
+        self.dot = _FlatDot([params[i] for i in self.small])
+        self.mode: str | None = None  # None: hooks leave gradients alone (the relearn phase)
+        self.users: dict[int, torch.optim.Optimizer] = {}
+        self.small_user: torch.optim.Optimizer | None = None
+        self.inner = torch.zeros(len(params))
+        self.scale: list[float] = []
+        self.lift: list[float] = []
+        self.lower: list[float] = []
+        self.handles = [
+            params[i].register_post_accumulate_grad_hook(self._hook(i)) for i in self.large
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def restart_user(self, lr: float) -> None:
+        """A fresh simulated user: Adam on theta_d, one optimizer per large tensor."""
+        self.users, self.small_user = {}, None  # free the old state before the new one fills
+        self.users = {i: torch.optim.Adam([self.theta_d[i]], lr=lr, fused=True)
+                      for i in self.large}  # fmt: skip
+        if self.small:
+            small = [self.theta_d[i] for i in self.small]
+            self.small_user = torch.optim.Adam(small, lr=lr, fused=True)
+
+    def user_step(self, loss: torch.Tensor, mask: torch.Tensor, applied: torch.Tensor) -> None:
+        """Backward, then the user's step on theta_d; theta(m) moves from `applied` to `mask`."""
+        self.scale = (mask - 1.0).tolist()  # d/dtheta_d = -(1 - m) g
+        self.lift, self.lower = (1.0 - applied).tolist(), (1.0 - mask).tolist()
+        self._backward(loss, "user")
+        if self.small_user is not None:
+            self._user_update(self.small, self._take(self.small), self.small_user)
+
+    def inner_products(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, then <dloss/dtheta(m)_i, theta_d,i> for every tensor."""
+        self._backward(loss, "mask")
+        small = self.dot(self._take(self.small), [self.theta_d[i] for i in self.small])
+        inner = self.inner.clone()
+        inner[self.small] = small
+        return inner
+
+    def _backward(self, loss: torch.Tensor, mode: str) -> None:
+        self.mode = mode
+        try:
+            loss.backward()
+        finally:
+            self.mode = None
+
+    def _take(self, indices: list[int]) -> list[torch.Tensor]:
+        grads = [self.params[i].grad for i in indices]
+        for i in indices:
+            self.params[i].grad = None
+        return grads
+
+    @torch.no_grad()
+    def _user_update(self, indices, grads, optimizer) -> None:
+        _average(grads, self.world)
+        torch._foreach_mul_(grads, [self.scale[i] for i in indices])
+        for i, g in zip(indices, grads, strict=True):
+            self.theta_d[i].grad = g
+        # theta(m) = theta_pre - (1 - m) * theta_d: lift to theta_pre, step, lower again.
+        for i in indices:
+            self.params[i].add_(self.theta_d[i], alpha=self.lift[i])
+        optimizer.step()
+        for i in indices:
+            self.params[i].sub_(self.theta_d[i], alpha=self.lower[i])
+            self.theta_d[i].grad = None
+
+    def _hook(self, i: int):
+        def landed(param: torch.Tensor) -> None:
+            if self.mode is None:
+                return
+            (grad,) = self._take([i])
+            if self.mode == "user":
+                self._user_update([i], [grad], self.users[i])
+            else:  # ranks average the inner products afterwards: theta_d is the same on all
+                self.inner[i] = torch.dot(grad.reshape(-1), self.theta_d[i].reshape(-1))
+
+        return landed
 
 
 def _world() -> tuple[int, int]:
@@ -195,6 +298,20 @@ def _write_tensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
         for _, t in tensors:
             cpu = t.detach().contiguous().cpu()
             handle.write(cpu.view(torch.uint8).numpy().data if cpu.numel() else b"")
+        handle.flush()
+        os.fsync(handle.fileno())
+        _drop_cache(handle)
+
+
+def _drop_cache(handle) -> None:
+    """Tell the kernel this file's pages will not be read again soon.
+
+    The store is read once per simulated-user restart; left in the page cache, two model-size
+    copies crowd the training process, whose fresh gradient buffers then page-fault into reclaim
+    (measured on an SD v1.5-size UNet on a 24 GiB machine: see benchmarks/learner.py).
+    """
+    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the cache is left to the kernel
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _read_into(path: Path, targets: list[tuple[str, torch.Tensor]]) -> None:
@@ -215,6 +332,7 @@ def _read_into(path: Path, targets: list[tuple[str, torch.Tensor]]) -> None:
                 raise DataError(f"{path} is truncated", hint="drop --resume")
             if buffer is not t:
                 t.copy_(buffer)
+        _drop_cache(handle)
 
 
 def _named(prefix: str, names: list[str], tensors: list[torch.Tensor]):
@@ -336,66 +454,58 @@ def learn_mask(
 
     if theta_d is None:  # filled from the store at the first restart
         theta_d = [torch.empty_like(p) for p in params]
-    dot = _FlatDot(params)
-    mask = torch.sigmoid(logits / config.temperature)
-    user = None
-    for round_index in range(start, config.rounds):
-        if round_index % config.user_reset_every == 0 or user is None:
-            if round_index > start and rank == 0:
-                _save_state(state_path, key, round_index, logits, mean_square, history)
-            user = None  # free the old user's Adam state before the new one fills
-            store.restart(names, params, theta_d, mask.tolist())
-            user = torch.optim.Adam(theta_d, lr=config.user_lr, fused=True)
-        # Lower level: the simulated user fine-tunes theta_ft through the mask.
-        keep = (1.0 - mask).tolist()
-        for user_step in range(config.user_steps):
-            seed = 1_000_000 + seed_base + 2 * (round_index * config.user_steps + user_step)
-            illegal_loss, legal_loss = _paired_losses(unet, scheduler, illegal, legal,
-                                                      config.batch_size, seed, False)  # fmt: skip
-            grads = list(torch.autograd.grad(illegal_loss + legal_loss, params))
-            with torch.no_grad():
-                _average(grads, world)
-                torch._foreach_mul_(grads, (mask - 1.0).tolist())  # d/dtheta_d = -(1 - m) g
-                for d, g in zip(theta_d, grads, strict=True):
-                    d.grad = g
-                # theta(m) = theta_pre - (1 - m) * theta_d: lift to theta_pre, step, lower again.
-                for p, d, k in zip(params, theta_d, keep, strict=True):
-                    p.add_(d, alpha=k)
-                user.step()
-                for p, d, k in zip(params, theta_d, keep, strict=True):
-                    p.sub_(d, alpha=k)
-                for d in theta_d:
-                    d.grad = None
-                del grads  # before the next backward allocates its own gradients
-        # Upper level: the same timesteps and noise for both halves.
-        seed = 1_000_001 + seed_base + 2 * round_index * config.user_steps
-        illegal_loss, legal_loss = _paired_losses(unet, scheduler, illegal, legal,
-                                                  config.batch_size, seed, True)  # fmt: skip
-        mask_grads = list(torch.autograd.grad(-illegal_loss + legal_loss, params))
-        with torch.no_grad():
-            inner = dot(mask_grads, theta_d).double()
-            del mask_grads
-            losses = torch.stack([illegal_loss.detach(), legal_loss.detach()]).double()
-            _average([inner, losses], world)
-            inner /= numel  # <dL/dtheta(m)_i, theta_d,i> / size
-            mean_square = 0.9 * mean_square + 0.1 * float(inner.pow(2).mean())
-            rms = math.sqrt(mean_square / (1 - 0.9 ** (round_index + 1))) + 1e-30
-            share = float((mask * weight).sum())
-            gradient = (
-                (inner / rms + config.sparsity_weight * (share - config.ratio))
-                * mask
-                * (1 - mask)
-                / config.temperature
+    steps = _InBackward(params, theta_d, world)
+    try:
+        mask = torch.sigmoid(logits / config.temperature)
+        # The UNet holds theta(m) for the mask `applied`. A mask step does not move the weights to
+        # the new mask; the next user step's lift-and-lower does it on the way (it passes over every
+        # weight anyway), so a round costs one pass over the model fewer.
+        applied = mask
+        for round_index in range(start, config.rounds):
+            if round_index % config.user_reset_every == 0 or round_index == start:
+                if round_index > start and rank == 0:
+                    _save_state(state_path, key, round_index, logits, mean_square, history)
+                store.restart(names, params, theta_d, mask.tolist())
+                applied = mask
+                steps.restart_user(config.user_lr)
+            # Lower level: the simulated user fine-tunes theta_ft through the mask.
+            for user_step in range(config.user_steps):
+                seed = 1_000_000 + seed_base + 2 * (round_index * config.user_steps + user_step)
+                illegal_loss, legal_loss = _paired_losses(
+                    unet, scheduler, illegal, legal, config.batch_size, seed, False
+                )
+                steps.user_step(illegal_loss + legal_loss, mask, applied)
+                applied = mask
+            _follow(params, theta_d, applied, mask)  # only if there were no user steps
+            applied = mask
+            # Upper level: the same timesteps and noise for both halves.
+            seed = 1_000_001 + seed_base + 2 * round_index * config.user_steps
+            illegal_loss, legal_loss = _paired_losses(
+                unet, scheduler, illegal, legal, config.batch_size, seed, True
             )
-            logits = logits - config.mask_lr * gradient
-            new_mask = torch.sigmoid(logits / config.temperature)
-            for p, d, change in zip(params, theta_d, (new_mask - mask).tolist(), strict=True):
-                p.add_(d, alpha=change)  # theta(m) follows the mask
-            mask = new_mask
-        history.append(RoundLog(round_index, float(losses[0]), float(losses[1]), share))
-        if report:
-            report(illegal=history[-1].illegal_loss, legal=history[-1].legal_loss,
-                   share=share)  # fmt: skip
+            inner = steps.inner_products(-illegal_loss + legal_loss).double()
+            with torch.no_grad():
+                losses = torch.stack([illegal_loss.detach(), legal_loss.detach()]).double()
+                _average([inner, losses], world)
+                inner /= numel  # <dL/dtheta(m)_i, theta_d,i> / size
+                mean_square = 0.9 * mean_square + 0.1 * float(inner.pow(2).mean())
+                rms = math.sqrt(mean_square / (1 - 0.9 ** (round_index + 1))) + 1e-30
+                share = float((mask * weight).sum())
+                gradient = (
+                    (inner / rms + config.sparsity_weight * (share - config.ratio))
+                    * mask
+                    * (1 - mask)
+                    / config.temperature
+                )
+                logits = logits - config.mask_lr * gradient
+                mask = torch.sigmoid(logits / config.temperature)
+            history.append(RoundLog(round_index, float(losses[0]), float(losses[1]), share))
+            if report:
+                report(illegal=history[-1].illegal_loss, legal=history[-1].legal_loss,
+                       share=share)  # fmt: skip
+        _follow(params, theta_d, applied, mask)  # the UNet ends holding theta(m) of the last mask
+    finally:
+        steps.remove()  # the UNet leaves without guardtune's hooks
     if world > 1:  # every rank must have taken the same mask steps
         reference = logits.to(params[0].device)  # NCCL only moves device tensors
         torch.distributed.broadcast(reference, 0)
@@ -407,6 +517,15 @@ def learn_mask(
     sizes = dict(zip(names, [int(n) for n in numel.tolist()], strict=True))
     frozen = freeze_top(scores, sizes, config.ratio, config.share_by)
     return LearnedMask(frozen, scores, history)
+
+
+def _follow(params, theta_d, applied: torch.Tensor, mask: torch.Tensor) -> None:
+    """Move theta(m) from the mask `applied` to `mask` in place: + (m - m_applied) * theta_d."""
+    if applied is mask:
+        return
+    with torch.no_grad():
+        for p, d, change in zip(params, theta_d, (mask - applied).tolist(), strict=True):
+            p.add_(d, alpha=change)
 
 
 def _barrier(world: int) -> None:

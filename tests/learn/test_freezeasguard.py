@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from guardtune.errors import DataError
-from guardtune.learn.freezeasguard import LearnerConfig, _average, _FlatDot, learn_mask
+from guardtune.learn.freezeasguard import (
+    LearnerConfig,
+    _average,
+    _FlatDot,
+    _InBackward,
+    learn_mask,
+)
 
 
 def test_flat_dot_equals_per_tensor_inner_products():
@@ -18,6 +24,54 @@ def test_flat_dot_equals_per_tensor_inner_products():
     in_buckets = _FlatDot(a, bucket=10)([t.clone() for t in a], b)  # 12 | 5 | 8 values
     assert len(_FlatDot(a, bucket=10).groups) == 3
     assert torch.allclose(in_buckets, expected, atol=1e-6)
+
+
+def _reference_user_step(model, theta_d, optimizer, x, mask, applied):
+    """The user step as one multi-tensor computation, outside backward."""
+    params = list(model.parameters())
+    grads = list(torch.autograd.grad(model(x).pow(2).mean(), params))
+    with torch.no_grad():
+        torch._foreach_mul_(grads, (mask - 1.0).tolist())
+        for d, g in zip(theta_d, grads, strict=True):
+            d.grad = g
+        for p, d, k in zip(params, theta_d, (1.0 - applied).tolist(), strict=True):
+            p.add_(d, alpha=k)
+        optimizer.step()
+        for p, d, k in zip(params, theta_d, (1.0 - mask).tolist(), strict=True):
+            p.sub_(d, alpha=k)
+            d.grad = None
+
+
+def test_steps_in_backward_equal_one_multi_tensor_step():
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    theta_d = [torch.randn_like(p) * 0.1 for p in model.parameters()]
+    reference_d = [d.clone() for d in theta_d]
+    optimizer = torch.optim.Adam(reference_d, lr=1e-2, fused=True)
+    steps = _InBackward(list(model.parameters()), theta_d, world=1, large=20)
+    assert steps.large == [0, 2] and steps.small == [1, 3]  # weights in hooks, biases after
+    steps.restart_user(1e-2)
+    x = torch.randn(5, 8)
+    applied, mask = torch.tensor([0.2, 0.5, 0.8, 0.3]), torch.tensor([0.1, 0.5, 0.9, 0.3])
+    for _ in range(2):  # the second step uses Adam's state
+        steps.user_step(model(x).pow(2).mean(), mask, applied)
+        _reference_user_step(reference, reference_d, optimizer, x, mask, applied)
+        applied = mask
+    for got, want in zip([*model.parameters(), *theta_d],
+                         [*reference.parameters(), *reference_d], strict=True):  # fmt: skip
+        assert torch.allclose(got, want, atol=1e-7, rtol=0)
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
+
+    inner = steps.inner_products(model(x).sum())
+    grads = torch.autograd.grad(reference(x).sum(), list(reference.parameters()))
+    expected = torch.stack([(g * d).sum() for g, d in zip(grads, reference_d, strict=True)])
+    assert torch.allclose(inner, expected, atol=1e-6)
+    steps.remove()  # without the hooks, gradients stay where autograd puts them
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_average_is_a_no_op_on_one_process():
