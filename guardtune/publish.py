@@ -24,7 +24,7 @@ from guardtune import atomic
 from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.errors import DataError
 from guardtune.fingerprint import fingerprint_model
-from guardtune.learn.binarize import SHARE_BY, freeze_top, random_scores
+from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
 from guardtune.masks import build_policy, sign_policy_file
 from guardtune.models import load_pipeline, resolve_model
@@ -117,7 +117,10 @@ def publish(
     numel = {n: p.numel() for n, p in unet.named_parameters()}
     history: list[RoundLog] = []
     if method == "random":
-        frozen = freeze_top(random_scores(names, config.seed), numel, config.ratio, config.share_by)
+        draw = random_scores(names, config.seed)
+        weight = numel if config.share_by == "parameters" else dict.fromkeys(numel, 1)
+        order = sorted(names, key=lambda n: -draw[n])
+        frozen = sorted(fill_to_share(order, weight, config.ratio))
     else:
         from diffusers import DDPMScheduler
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardtune.blocks import block_of
-from guardtune.learn.binarize import random_scores
+from guardtune.learn.binarize import fill_to_share, random_scores
 
 METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce", "persguard")
 FREEZING = ("full", "random", "blocks", "freezeasguard")
@@ -31,30 +31,6 @@ class Defense:
 
     def frozen_share(self, numel: dict[str, int]) -> float:
         return sum(numel[n] for n in self.frozen) / sum(numel.values())
-
-
-def fill_to_share(
-    order: list[str], numel: dict[str, int], share: float, frozen: frozenset[str] = frozenset()
-) -> frozenset[str]:
-    """Add tensors in `order` while they fit under the share, then the one landing closest.
-
-    Matching the share this way (rather than freezing down the order until it is passed, which
-    a single large tensor can overshoot by several points) keeps every freezing method within a
-    bias vector's size of the same frozen-parameter share.
-    """
-    target = share * sum(numel.values())
-    chosen = set(frozen)
-    covered = sum(numel[n] for n in chosen)
-    for name in order:
-        if name not in chosen and covered + numel[name] <= target:
-            chosen.add(name)
-            covered += numel[name]
-    rest = [n for n in order if n not in chosen]
-    if rest:
-        closest = min(rest, key=lambda n: abs(covered + numel[n] - target))
-        if abs(covered + numel[closest] - target) < target - covered:
-            chosen.add(closest)
-    return frozenset(chosen)
 
 
 def random_mask(numel: dict[str, int], share: float, seed: int) -> frozenset[str]:
