@@ -70,10 +70,14 @@ def held_out_losses(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
     for start in range(0, latents.shape[0], 32):
         chunk = slice(start, start + 32)
         noisy = scheduler.add_noise(latents[chunk], noise[chunk], timesteps[chunk])
+        if scheduler.config.prediction_type == "v_prediction":  # SD 2.x-style models
+            target = scheduler.get_velocity(latents[chunk], noise[chunk], timesteps[chunk])
+        else:
+            target = noise[chunk]
         prediction = unet(
             noisy.to(device), timesteps[chunk].to(device), states[chunk].to(device)
         ).sample.float()
-        losses.append((prediction.cpu() - noise[chunk]).pow(2).mean(dim=(1, 2, 3)))
+        losses.append((prediction.cpu() - target).pow(2).mean(dim=(1, 2, 3)))
     return torch.cat(losses)
 
 

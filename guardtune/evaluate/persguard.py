@@ -54,7 +54,12 @@ def _loss(unet, weights, scheduler, clean, states, generator, target=None) -> to
     inputs = (scheduler.add_noise(clean, noise, timesteps).to(device), timesteps.to(device),
               states.to(device))  # fmt: skip
     prediction = functional_call(unet, weights, inputs).sample.float()
-    goal = noise.to(device) if target is None else target(*inputs).float()
+    if target is not None:
+        goal = target(*inputs).float()
+    elif scheduler.config.prediction_type == "v_prediction":  # SD 2.x-style models
+        goal = scheduler.get_velocity(clean, noise, timesteps).to(device)
+    else:
+        goal = noise.to(device)
     return F.mse_loss(prediction, goal)
 
 

@@ -128,3 +128,33 @@ def test_persguard_implants_a_backdoor_in_the_unet_only(embedded_pipeline, tmp_p
     assert all(
         torch.equal(v, others[k]) for k, v in embedded_pipeline.text_encoder.state_dict().items()
     )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_persguard_loss_targets_what_the_scheduler_predicts(prediction_type):
+    from diffusers import DDPMScheduler
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from guardtune.evaluate.persguard import _loss
+
+    class Zero(torch.nn.Module):  # predicts 0, so the loss is the target's mean square
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, sample, timestep, states):
+            return UNet2DConditionOutput(sample=sample * self.scale)
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    clean, states = torch.randn(4, 4, 8, 8), torch.randn(4, 3, 8)
+    unet = Zero()
+    loss = _loss(unet, dict(unet.named_parameters()), scheduler, clean, states,
+                 torch.Generator().manual_seed(0))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(1000, (4,), generator=generator)
+    expected = (
+        scheduler.get_velocity(clean, noise, timesteps) if prediction_type == "v_prediction"
+        else noise
+    )  # fmt: skip
+    assert torch.allclose(loss, expected.pow(2).mean())
