@@ -24,7 +24,7 @@ from guardtune import atomic
 from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.errors import DataError
 from guardtune.fingerprint import fingerprint_model
-from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores
+from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
 from guardtune.masks import build_policy, sign_policy_file
 from guardtune.models import load_pipeline, resolve_model
@@ -118,9 +118,8 @@ def publish(
     history: list[RoundLog] = []
     if method == "random":
         draw = random_scores(names, config.seed)
-        weight = numel if config.share_by == "parameters" else dict.fromkeys(numel, 1)
         order = sorted(names, key=lambda n: -draw[n])
-        frozen = sorted(fill_to_share(order, weight, config.ratio))
+        frozen = sorted(fill_to_share(order, share_weights(numel, config.share_by), config.ratio))
     else:
         from diffusers import DDPMScheduler
 

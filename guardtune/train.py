@@ -166,6 +166,13 @@ class EncodedData:
         return latents, self.embeddings[self.caption_row[idx]]
 
 
+def denoising_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: the noise, or the velocity on v-prediction models."""
+    if scheduler.config.prediction_type == "v_prediction":  # SD 2.x-style models
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
 def diffusion_loss(
     unet, scheduler, latents: torch.Tensor, states: torch.Tensor, generator: torch.Generator,
     snr_gamma: float | None,
@@ -176,10 +183,7 @@ def diffusion_loss(
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator)  # fmt: skip
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = denoising_target(scheduler, latents, noise, timesteps)
     prediction = unet(noisy.to(device), timesteps.to(device), states.to(device)).sample.float()
     target = target.to(device)
     if snr_gamma is None:

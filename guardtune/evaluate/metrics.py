@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from guardtune.errors import DataError
+from guardtune.train import denoising_target
 
 
 class Scorer(Protocol):
@@ -70,10 +71,7 @@ def held_out_losses(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
     for start in range(0, latents.shape[0], 32):
         chunk = slice(start, start + 32)
         noisy = scheduler.add_noise(latents[chunk], noise[chunk], timesteps[chunk])
-        if scheduler.config.prediction_type == "v_prediction":  # SD 2.x-style models
-            target = scheduler.get_velocity(latents[chunk], noise[chunk], timesteps[chunk])
-        else:
-            target = noise[chunk]
+        target = denoising_target(scheduler, latents[chunk], noise[chunk], timesteps[chunk])
         prediction = unet(
             noisy.to(device), timesteps[chunk].to(device), states[chunk].to(device)
         ).sample.float()

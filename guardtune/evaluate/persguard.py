@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from guardtune.progress import StepReporter
-from guardtune.train import EncodedData
+from guardtune.train import EncodedData, denoising_target
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,10 @@ def _loss(unet, weights, scheduler, clean, states, generator, target=None) -> to
     inputs = (scheduler.add_noise(clean, noise, timesteps).to(device), timesteps.to(device),
               states.to(device))  # fmt: skip
     prediction = functional_call(unet, weights, inputs).sample.float()
-    if target is not None:
-        goal = target(*inputs).float()
-    elif scheduler.config.prediction_type == "v_prediction":  # SD 2.x-style models
-        goal = scheduler.get_velocity(clean, noise, timesteps).to(device)
+    if target is None:
+        goal = denoising_target(scheduler, clean, noise, timesteps).to(device)
     else:
-        goal = noise.to(device)
+        goal = target(*inputs).float()
     return F.mse_loss(prediction, goal)
 
 

@@ -11,15 +11,20 @@ from __future__ import annotations
 SHARE_BY = ("parameters", "tensors")
 
 
+def share_weights(numel: dict[str, int], share_by: str) -> dict[str, int]:
+    """What each tensor counts towards the share: its size, or 1 for a share of tensors."""
+    if share_by not in SHARE_BY:
+        raise ValueError(f"share_by must be one of {SHARE_BY}")
+    return numel if share_by == "parameters" else dict.fromkeys(numel, 1)
+
+
 def freeze_top(
     scores: dict[str, float], numel: dict[str, int], ratio: float, share_by: str
 ) -> list[str]:
     """Names of the highest-scoring tensors whose share (of parameters or tensors) reaches ratio."""
-    if share_by not in SHARE_BY:
-        raise ValueError(f"share_by must be one of {SHARE_BY}")
     if not 0.0 < ratio < 1.0:
         raise ValueError("the frozen ratio must be between 0 and 1")
-    weight = numel if share_by == "parameters" else {name: 1 for name in numel}
+    weight = share_weights(numel, share_by)
     total = sum(weight.values())
     frozen, covered = [], 0
     for name in sorted(scores, key=lambda n: (-scores[n], n)):

@@ -57,6 +57,7 @@ from guardtune import atomic
 from guardtune.errors import DataError
 from guardtune.fingerprint import read_header
 from guardtune.learn.binarize import freeze_top
+from guardtune.train import denoising_target
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class _InBackward:
         self.large = [i for i, p in enumerate(params) if p.numel() >= large]
         self.small = [i for i, p in enumerate(params) if p.numel() < large]
         self.dot = _FlatDot([params[i] for i in self.small])
-        self.mode: str | None = None  # None: hooks leave gradients alone (the relearn phase)
+        self.mode: str | None = None  # None: outside a step, hooks leave gradients alone
         self.users: dict[int, torch.optim.Optimizer] = {}
         self.small_user: torch.optim.Optimizer | None = None
         self.inner = torch.zeros(len(params))
@@ -268,10 +269,7 @@ def _paired_losses(unet, scheduler, illegal, legal, size: int, seed: int, shared
     latents = torch.cat([illegal_latents, legal_latents])
     states = torch.cat([illegal_states, legal_states])
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = denoising_target(scheduler, latents, noise, timesteps)
     device = next(unet.parameters()).device
     prediction = unet(noisy.to(device), timesteps.to(device), states.to(device)).sample.float()
     per_example = F.mse_loss(prediction, target.to(device), reduction="none").mean(dim=(1, 2, 3))

@@ -16,6 +16,7 @@ from guardtune.evaluate.defenses import (
 from guardtune.evaluate.imma import ImmaConfig, immunize
 from guardtune.evaluate.uce import _aligned, _token_embeddings, uce_edit
 from guardtune.train import EncodedData
+from tests.evaluate.zero_unet import ZeroUNet, expected_target
 
 
 @pytest.fixture(scope="module")
@@ -133,28 +134,15 @@ def test_persguard_implants_a_backdoor_in_the_unet_only(embedded_pipeline, tmp_p
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_persguard_loss_targets_what_the_scheduler_predicts(prediction_type):
     from diffusers import DDPMScheduler
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     from guardtune.evaluate.persguard import _loss
 
-    class Zero(torch.nn.Module):  # predicts 0, so the loss is the target's mean square
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, sample, timestep, states):
-            return UNet2DConditionOutput(sample=sample * self.scale)
-
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
     clean, states = torch.randn(4, 4, 8, 8), torch.randn(4, 3, 8)
-    unet = Zero()
+    unet = ZeroUNet()
     loss = _loss(unet, dict(unet.named_parameters()), scheduler, clean, states,
                  torch.Generator().manual_seed(0))  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(clean.shape, generator=generator)
     timesteps = torch.randint(1000, (4,), generator=generator)
-    expected = (
-        scheduler.get_velocity(clean, noise, timesteps) if prediction_type == "v_prediction"
-        else noise
-    )  # fmt: skip
-    assert torch.allclose(loss, expected.pow(2).mean())
+    assert torch.allclose(loss, expected_target(scheduler, clean, noise, timesteps).pow(2).mean())

@@ -9,6 +9,7 @@ import torch
 from guardtune.digits import load_digits, prompt_for
 from guardtune.errors import DataError
 from guardtune.evaluate.metrics import ClipScorer, DigitScorer, frechet_distance, make_scorer
+from tests.evaluate.zero_unet import ZeroUNet, expected_target
 
 
 def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
@@ -101,25 +102,12 @@ def test_held_out_losses_pose_the_same_problems_to_every_model(embedded_pipeline
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_held_out_loss_targets_what_the_scheduler_predicts(prediction_type):
     from diffusers import DDPMScheduler
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     from guardtune.evaluate.metrics import held_out_losses
 
-    class Zero(torch.nn.Module):  # predicts 0, so each loss is its target's mean square
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, sample, timestep, states):
-            return UNet2DConditionOutput(sample=sample * self.scale)
-
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
     latents = torch.randn(5, 4, 8, 8)
-    losses = held_out_losses(Zero(), scheduler, latents, torch.randn(5, 3, 8))
+    losses = held_out_losses(ZeroUNet(), scheduler, latents, torch.randn(5, 3, 8))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1234))
-    timesteps = torch.linspace(0, 999, 5).long()
-    target = (
-        scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction"
-        else noise
-    )  # fmt: skip
+    target = expected_target(scheduler, latents, noise, torch.linspace(0, 999, 5).long())
     assert torch.allclose(losses, target.pow(2).mean(dim=(1, 2, 3)))
