@@ -702,7 +702,8 @@ def evaluate(
     """Measure how much each method stops illegal adaptation and costs legal adaptation.
 
     Every finished run is journalled under --work-dir: rerunning the same command after a
-    crash (or to see the tables again) continues where it stopped.
+    crash (or to see the tables again) continues where it stopped, and a run that another
+    evaluation already did with the same settings (another policy, more methods) is reused.
     """
     from guardtune.evaluate.attack import AttackConfig
     from guardtune.evaluate.imma import ImmaConfig
@@ -760,7 +761,8 @@ def evaluate(
             curve.add_row(*cells)
         out_console.print(curve)
         plotted = f"plot: {result.plot}   " if result.plot else ""
-        out_console.print(f"{plotted}journal: {result.journal}   {result.seconds:.0f} s")
+        reused = f" ({result.reused} runs from it)" if result.reused else ""
+        out_console.print(f"{plotted}journal: {result.journal}{reused}   {result.seconds:.0f} s")
 
     run_command(
         lambda: run_evaluate(illegal, legal, model, model_config, policy, tuple(trusted or ()),

@@ -116,7 +116,8 @@ class EvaluationResult:
     measurements: tuple[Measurement, ...]
     summary: tuple[SummaryRow, ...]
     plot: Path | None
-    journal: Path  # every measurement as it was taken; a rerun resumes from it
+    journal: Path  # every run as it finished; a rerun resumes from it
+    reused: int  # runs of this plan taken from the journal rather than trained
     seconds: float
 
     def final(self) -> list[SummaryRow]:
@@ -198,20 +199,42 @@ def _measure(pipeline, scheduler, task: Task, scorer: Scorer | None, all_prompts
     return metrics
 
 
-def _settings(config, checkpoints, share, scorer, model_root, policy, tasks) -> dict:
-    """Everything that decides an evaluation's numbers, as JSON."""
-    chosen = dataclasses.asdict(config) | {"steps": checkpoints, "ratio": share, "scorer": scorer}
+def _settings(config, checkpoints, scorer, model_root, tasks) -> dict:
+    """What decides every run's numbers, whichever method it is, as JSON: the journal's key."""
+    methods_own = {"methods", "ratio", "imma", "persguard", "uce_guide"}
+    chosen = {k: v for k, v in dataclasses.asdict(config).items() if k not in methods_own}
     # The code that produces the numbers is part of them: a fixed baseline starts a new journal.
     code = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         code.update(path.read_bytes())
     return {
-        "config": chosen,
+        "config": chosen | {"steps": checkpoints, "scorer": scorer},
         "code": code.hexdigest(),
         "model": model_root,
-        "policy": hashlib.sha256(Path(policy).read_bytes()).hexdigest() if policy else None,
+        # Every task is part of every run: the scorer ranks samples against all prompts, and
+        # the immunising defences train on all illegal (PersGuard: and legal) tasks.
         "tasks": {t.name: [t.kind, t.digest] for t in tasks},
     }
+
+
+def method_settings(method: str, config: EvaluateConfig, share: float, policy: str | None) -> dict:
+    """What decides one method's defence, beyond the shared settings.
+
+    Runs are journalled under these, so adding a method to a finished evaluation, or evaluating
+    another policy, reruns only what changed: full fine-tuning and the immunising baselines do
+    not depend on the policy, and random/blocks only on its share.
+    """
+    if method in ("random", "blocks"):
+        return {"ratio": share}
+    if method == "freezeasguard":
+        return {"policy": hashlib.sha256(Path(policy).read_bytes()).hexdigest() if policy else None}
+    if method == "imma":
+        return dataclasses.asdict(config.imma)
+    if method == "persguard":
+        return dataclasses.asdict(config.persguard)
+    if method == "uce":
+        return {"guide": config.uce_guide}
+    return {}
 
 
 def _digest(value) -> str:
@@ -323,38 +346,38 @@ def evaluate(
         share = sum(numel[n] for n in policy_frozen) / sum(numel.values()) if policy_frozen else 0.3
 
     checkpoints = sorted(set(config.steps))
-    # Every finished (method, seed, task) run is journalled at once; the journal's name is the
-    # digest of everything that decides the numbers, so a rerun of a killed (or finished)
-    # evaluation picks up its runs, and a changed one starts its own.
-    settings = _settings(config, checkpoints, share, scorer_spec, model_root, policy_label, tasks)
+    # Every finished (method, seed, task) run is journalled at once. The journal's name is the
+    # digest of what decides every run's numbers; within it each run is filed under its
+    # method's own settings. A rerun of a killed (or finished) evaluation picks up its runs, a
+    # wider one reuses those it shares, and a changed one starts its own.
+    settings = _settings(config, checkpoints, scorer_spec, model_root, tasks)
     journal = (workdir or Path("runs") / "evaluate") / f"journal-{_digest(settings)[:16]}.json"
-    saved = json.loads(journal.read_text()) if journal.is_file() else {}
-    measurements = [Measurement(**m) for m in saved.get("measurements", [])]
-    shares: dict[str, float] = dict(saved.get("frozen_share", {}))
-    done = {(m.method, m.seed, m.task) for m in measurements}
+    variant = {m: _digest(method_settings(m, config, share, policy_label)) for m in config.methods}
+    journalled = json.loads(journal.read_text())["runs"] if journal.is_file() else []
+    finished = {(r["method"], r["variant"], r["seed"], r["task"]): r for r in journalled}
+
+    def done(method: str, seed: int, task: str) -> dict | None:
+        return finished.get((method, variant[method], seed, task))
 
     def save() -> None:
-        record = {"settings": settings, "frozen_share": shares,
-                  "measurements": [dataclasses.asdict(m) for m in measurements]}  # fmt: skip
-        atomic.write_json(journal, record)
+        atomic.write_json(journal, {"settings": settings, "runs": list(finished.values())})
 
-    todo_runs = [(m, s, t.name) for m in config.methods for s in range(config.seeds) for t in tasks]
-    todo_runs = [run for run in todo_runs if run not in done]
-    pending = {m for m, _, _ in todo_runs}
-    total = len(todo_runs) * max(checkpoints) + config.imma.steps * ("imma" in pending)
+    plan = [(m, s, t.name) for m in config.methods for s in range(config.seeds) for t in tasks]
+    reused = sum(done(*run) is not None for run in plan)
+    pending = {m for m, s, t in plan if done(m, s, t) is None}
+    total = (len(plan) - reused) * max(checkpoints) + config.imma.steps * ("imma" in pending)
     total += config.persguard.steps * ("persguard" in pending)
     with track("evaluate", total, device, enabled=show_progress) as report:
         for method in config.methods:
             defense = None
             for seed in range(config.seeds):
-                todo = [t for t in tasks if (method, seed, t.name) not in done]
+                todo = [t for t in tasks if done(method, seed, t.name) is None]
                 if not todo:
                     continue
                 if defense is None or method in SEEDED:
                     unet.load_state_dict(base)
                     defense = defense_for(method, seed, pipeline, scheduler, numel, share,
                                           policy_frozen, tasks, config, report)  # fmt: skip
-                shares[f"{method} seed {seed}"] = defense.frozen_share(numel)
                 start = {**base, **(defense.weights or {})}
                 for task in todo:
                     found: list[Measurement] = []
@@ -372,12 +395,21 @@ def evaluate(
                         unet, scheduler, start, defense.frozen, task.train, checkpoints,
                         at_checkpoint, seed, config.attack, report,
                     )  # fmt: skip
-                    measurements.extend(found)  # a run is journalled whole, or not at all
+                    # A run is journalled whole, or not at all.
+                    finished[method, variant[method], seed, task.name] = {
+                        "method": method, "variant": variant[method], "seed": seed,
+                        "task": task.name, "frozen_share": defense.frozen_share(numel),
+                        "measurements": [dataclasses.asdict(m) for m in found],
+                    }  # fmt: skip
                     save()
+    runs = [done(*run) for run in plan]
+    measurements = [Measurement(**m) for run in runs if run for m in run["measurements"]]
     unet.load_state_dict(base)
-    by_method = {m: [v for k, v in shares.items() if k.rsplit(" seed ", 1)[0] == m]
-                 for m in config.methods}  # fmt: skip
-    frozen_share = {m: float(np.mean(v)) for m, v in by_method.items() if v}
+    by_method: dict[str, list[float]] = {}
+    for run in runs:
+        if run:
+            by_method.setdefault(run["method"], []).append(run["frozen_share"])
+    frozen_share = {m: float(np.mean(v)) for m, v in by_method.items()}
     summary = summarise(measurements, config.methods, tasks, checkpoints, scorer is not None)
     result = EvaluationResult(
         model=source.label,
@@ -392,6 +424,7 @@ def evaluate(
         summary=tuple(summary),
         plot=None,
         journal=journal,
+        reused=reused,
         seconds=time.perf_counter() - started,
     )
     if plot is not None:

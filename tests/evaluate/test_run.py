@@ -67,14 +67,40 @@ def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders,
     assert "mitigation" in result.stdout and "freezeasguard" in result.stdout
     # The journal holds every run: the same command again resumes them all and trains nothing.
     journal = Path(record["journal"])
-    assert journal.parent == tmp_path / "work" and len(
-        json.loads(journal.read_text())["measurements"]
-    ) == len(record["measurements"])
+    runs = json.loads(journal.read_text())["runs"]
+    assert journal.parent == tmp_path / "work" and record["reused"] == 0
+    assert sum(len(r["measurements"]) for r in runs) == len(record["measurements"])
     again = _evaluate(runner, folders, *tiny, "--plot", str(plot), "--json", str(out))
     assert again.exit_code == 0, combined_output(again)
     repeated = json.loads(out.read_text())
     assert repeated["measurements"] == record["measurements"]
+    assert repeated["reused"] == len(METHODS) * 2
     assert repeated["seconds"] < record["seconds"] / 2
+
+
+def test_a_wider_or_changed_evaluation_reruns_only_what_changed(runner, folders, tmp_path):
+    tiny = ["--work-dir", str(tmp_path / "work"), "--steps", "1", "--seeds", "1",
+            "--samples", "2", "--batch-size", "2", "--plot", str(tmp_path / "p.png")]  # fmt: skip
+
+    def run(methods: str, ratio: str) -> dict:
+        out = tmp_path / f"{methods}-{ratio}.json"
+        result = _evaluate(runner, folders, *tiny, "--methods", methods, "--ratio", ratio,
+                           "--json", str(out))  # fmt: skip
+        assert result.exit_code == 0, combined_output(result)
+        return json.loads(out.read_text())
+
+    def rows(record: dict, method: str) -> list[dict]:
+        return [m for m in record["measurements"] if m["method"] == method]
+
+    first = run("full,random", "0.2")
+    wider = run("full,random,blocks", "0.2")  # one more method: only its runs (2 tasks) train
+    assert wider["reused"] == 4 and len(rows(wider, "blocks")) == 2
+    assert rows(wider, "random") == rows(first, "random")
+    changed = run("full,random", "0.25")  # another share: random reruns, full does not
+    assert changed["reused"] == 2
+    assert rows(changed, "full") == rows(first, "full")
+    assert abs(changed["frozen_share"]["random"] - 0.25) < 0.01
+    assert abs(first["frozen_share"]["random"] - 0.2) < 0.01
 
 
 def test_summary_compares_with_full_finetuning():
