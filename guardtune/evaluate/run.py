@@ -353,7 +353,7 @@ def evaluate(
     settings = _settings(config, checkpoints, scorer_spec, model_root, tasks)
     journal = (workdir or Path("runs") / "evaluate") / f"journal-{_digest(settings)[:16]}.json"
     variant = {m: _digest(method_settings(m, config, share, policy_label)) for m in config.methods}
-    journalled = json.loads(journal.read_text())["runs"] if journal.is_file() else []
+    journalled = json.loads(journal.read_text()).get("runs", []) if journal.is_file() else []
     finished = {(r["method"], r["variant"], r["seed"], r["task"]): r for r in journalled}
 
     def done(method: str, seed: int, task: str) -> dict | None:

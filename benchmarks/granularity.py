@@ -1,0 +1,243 @@
+"""Could a finer mask separate illegal from legal adaptation? Whole tensors vs output channels.
+
+Policies freeze whole UNet tensors. On the embedded scenario (base knows 0-6; illegal = learn 7
+and 9; legal = learn the new class 8), freezing 30% of the parameters slows learning 8 nearly as
+much as learning 7 and 9 (issue 7). This probe asks whether that is a limit of the granularity,
+with an oracle mask that has seen the attacks' own updates, so it bounds what a learned mask of
+each granularity could do rather than measuring the learner:
+
+1. Fine-tune the unfrozen model on each task (seed 0) and keep its update, delta = theta - theta_0.
+2. Units: whole tensors, or dim-0 slices (a conv's or linear's output channels; the entries of
+   a bias or norm). A unit's share of a task's update energy is e(u) = |delta_u|^2 / |delta|^2.
+3. Oracle mask at share p by parameters: units ranked by (e_illegal - e_legal) per parameter,
+   frozen down the ranking while they fit under p.
+4. Attack with other seeds: the same full fine-tune as `guardtune evaluate`'s user, with the
+   mask's units held fixed (their gradient rows zeroed, and their rows put back after each step
+   so that weight decay cannot move them); samples scored by the digit classifier.
+
+Prints the update energy each mask captures, then recognisability after the attack, mitigation
+(illegal) and impact (legal) against the unfrozen attack, and each mask's separation
+(mitigation - impact).
+
+    .venv/bin/python benchmarks/granularity.py [--ratio 0.3] [--steps 100,200] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from guardtune import atomic
+from guardtune.classifier import load_classifier, to_classifier_input
+from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
+from guardtune.digits import prompt_for
+from guardtune.models import load_pipeline
+from guardtune.train import EncodedData, diffusion_loss
+
+TASKS = {"illegal 7+9": (7, 9), "legal new 8": (8,)}
+
+
+def finetune(unet, scheduler, base, keep, data, checkpoints, at_checkpoint, seed, lr=1e-4):
+    """`guardtune evaluate`'s user (AdamW, batch 16, same batches per seed), rows held by `keep`.
+
+    keep[name] is None (train the tensor), 0.0 (freeze it) or a 0/1 column over its rows.
+    """
+    unet.load_state_dict(base)
+    partial = {}
+    for name, parameter in unet.named_parameters():
+        held = keep.get(name)
+        parameter.requires_grad_(not isinstance(held, float))
+        if isinstance(held, torch.Tensor):
+            partial[name] = (parameter, held, base[name])
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2, fused=True)
+    unet.train()
+    for step in range(1, max(checkpoints) + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        latents, states = data.batch(16, generator)
+        loss = diffusion_loss(unet, scheduler, latents, states, generator, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for parameter, held, _ in partial.values():
+            parameter.grad.mul_(held)  # Adam never moves a row whose gradient is always zero...
+        optimizer.step()
+        with torch.no_grad():
+            for parameter, held, original in partial.values():
+                parameter.mul_(held).add_(original * (1 - held))  # ...but weight decay would
+        if step in checkpoints:
+            unet.eval()
+            at_checkpoint(step)
+            unet.train()
+    unet.requires_grad_(False)
+    unet.eval()
+
+
+def units(delta: dict[str, torch.Tensor], by_channel: bool) -> list[tuple[str, int | None, int]]:
+    """(tensor, row or None for the whole tensor, parameters) for every unit."""
+    found = []
+    for name, d in delta.items():
+        if by_channel and d.dim() >= 1:
+            found += [(name, row, d[row].numel()) for row in range(d.shape[0])]
+        else:
+            found.append((name, None, d.numel()))
+    return found
+
+
+def energy(delta: dict[str, torch.Tensor], unit: tuple[str, int | None, int]) -> float:
+    name, row, _ = unit
+    part = delta[name] if row is None else delta[name][row]
+    return float(part.double().square().sum())
+
+
+def oracle_mask(deltas, by_channel: bool, ratio: float):
+    """Units ranked by (illegal - legal) update-energy share per parameter, under `ratio`."""
+    illegal, legal = deltas["illegal 7+9"], deltas["legal new 8"]
+    total_i = sum(float(d.double().square().sum()) for d in illegal.values())
+    total_l = sum(float(d.double().square().sum()) for d in legal.values())
+    candidates = units(illegal, by_channel)
+    score = [(energy(illegal, u) / total_i - energy(legal, u) / total_l) / u[2] for u in candidates]
+    budget = ratio * sum(d.numel() for d in illegal.values())
+    frozen, covered = [], 0
+    for index in np.argsort(score)[::-1]:
+        unit = candidates[index]
+        if covered + unit[2] <= budget:
+            frozen.append(unit)
+            covered += unit[2]
+    captured = {
+        task: sum(energy(deltas[task], u) for u in frozen)
+        / sum(float(d.double().square().sum()) for d in deltas[task].values())
+        for task in TASKS
+    }
+    keep: dict[str, torch.Tensor | float] = {}
+    for name, row, _ in frozen:
+        if row is None:
+            keep[name] = 0.0
+        else:
+            if name not in keep:
+                shape = (illegal[name].shape[0],) + (1,) * (illegal[name].dim() - 1)
+                keep[name] = torch.ones(shape)
+            keep[name][row] = 0.0  # type: ignore[index]
+    return keep, covered / sum(d.numel() for d in illegal.values()), captured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--steps", default="100,200")
+    parser.add_argument("--seeds", type=int, default=2, help="Attack seeds (1, 2, ...).")
+    parser.add_argument("--samples", type=int, default=64, help="Per class and checkpoint.")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/granularity.json"))
+    parser.add_argument("--quick", action="store_true", help="Tiny settings, to test the script.")
+    args = parser.parse_args()
+    checkpoints = [int(s) for s in args.steps.split(",")]
+    if args.quick:
+        checkpoints, args.seeds, args.samples = [2], 1, 2
+    started = time.perf_counter()
+    console = Console()
+    from diffusers import DDPMScheduler
+
+    pipeline = load_pipeline("digits", device=torch.device("cpu"), dtype=torch.float32)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.vae.requires_grad_(False)
+    pipeline.text_encoder.requires_grad_(False)
+    unet = pipeline.unet
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    names = [n for n, _ in unet.named_parameters()]
+    root = args.out.parent / "granularity-data"
+    data = {}
+    for task, classes in TASKS.items():
+        folder = export_digits(root / "-".join(map(str, classes)), classes, "train",
+                               overwrite=True).out  # fmt: skip
+        data[task] = EncodedData(pipeline, ImageCaptionDataset(scan_folder(folder), 32),
+                                 torch.device("cpu"))  # fmt: skip
+    classifier = load_classifier()
+
+    @torch.no_grad()
+    def recognisability(classes, seed: int) -> float:
+        hits = []
+        for digit in classes:
+            generator = torch.Generator().manual_seed(seed * 100 + digit)
+            images = pipeline(
+                [prompt_for(digit)] * args.samples,
+                num_inference_steps=25,
+                guidance_scale=5.0,
+                generator=generator,
+                output_type="pt",
+            ).images
+            predicted = classifier(to_classifier_input(images.float())).argmax(1)
+            hits.append(float((predicted == digit).float().mean()))
+        return float(np.mean(hits))
+
+    # 1. The oracle's view: each task's unfrozen update (seed 0, the longest budget).
+    deltas = {}
+    for task in TASKS:
+        finetune(unet, scheduler, base, {}, data[task], [max(checkpoints)], lambda s: None, 0)
+        deltas[task] = {n: (unet.state_dict()[n] - base[n]).clone() for n in names}
+    masks = {"none": ({}, 0.0, {t: 0.0 for t in TASKS})}
+    masks["oracle, whole tensors"] = oracle_mask(deltas, False, args.ratio)
+    masks["oracle, output channels"] = oracle_mask(deltas, True, args.ratio)
+
+    # 2. The attacks, with seeds the oracle has not seen.
+    results: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for mask, (keep, _, _) in masks.items():
+        results[mask] = {}
+        for task, classes in TASKS.items():
+            found: dict[int, list[float]] = {s: [] for s in checkpoints}
+            for seed in range(1, args.seeds + 1):
+
+                def at(step: int, classes=classes, seed=seed, found=found) -> None:
+                    found[step].append(recognisability(classes, seed))
+
+                finetune(unet, scheduler, base, keep, data[task], checkpoints, at, seed)
+            results[mask][task] = found
+        console.print(mask, json.dumps(results[mask]))
+    unet.load_state_dict(base)
+
+    table = Table(title=f"Oracle masks at p = {args.ratio} by parameters, {args.seeds} seed(s)")
+    for column in ("mask", "frozen", "energy: illegal", "energy: legal"):
+        table.add_column(column, justify="left" if column == "mask" else "right")
+    for task in TASKS:
+        for step in checkpoints:
+            table.add_column(f"{task} @{step}", justify="right")
+    for step in checkpoints:
+        table.add_column(f"separation @{step}", justify="right")
+    summary: dict[str, dict] = {}
+    for mask, (_, share, captured) in masks.items():
+        cells = [mask, f"{share:.1%}", f"{captured['illegal 7+9']:.0%}"]
+        cells.append(f"{captured['legal new 8']:.0%}")
+        versus = {}
+        for task in TASKS:
+            for step in checkpoints:
+                mean = float(np.mean(results[mask][task][step]))
+                unfrozen = float(np.mean(results["none"][task][step]))
+                versus[task, step] = 1 - mean / unfrozen if unfrozen else 0.0
+                spread = float(np.ptp(results[mask][task][step]))
+                cells.append(f"{mean:.3f} [{spread:.3f}] {versus[task, step]:+.0%}")
+        separation = {s: versus["illegal 7+9", s] - versus["legal new 8", s] for s in checkpoints}
+        cells += [f"{separation[s]:+.0%}" for s in checkpoints]
+        table.add_row(*cells)
+        summary[mask] = {"frozen_share": share, "captured_energy": captured,
+                         "separation": separation}  # fmt: skip
+    console.print(table)
+    tensors, channels = summary["oracle, whole tensors"], summary["oracle, output channels"]
+    for step in checkpoints:
+        console.print(
+            f"@{step}: separation, channels {channels['separation'][step]:+.0%} vs tensors "
+            f"{tensors['separation'][step]:+.0%}"
+        )
+    record = {"ratio": args.ratio, "steps": checkpoints, "seeds": args.seeds,
+              "samples": args.samples, "results": results, "summary": summary,
+              "seconds": time.perf_counter() - started}  # fmt: skip
+    atomic.write_json(args.out, record)
+    console.print(f"{record['seconds']:.0f} s; JSON in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
