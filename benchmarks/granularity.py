@@ -38,45 +38,38 @@ from guardtune import atomic
 from guardtune.classifier import load_classifier, to_classifier_input
 from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
 from guardtune.digits import prompt_for
+from guardtune.evaluate.attack import user_finetune
 from guardtune.models import load_pipeline
-from guardtune.train import EncodedData, diffusion_loss
+from guardtune.train import EncodedData
 
 TASKS = {"illegal 7+9": (7, 9), "legal new 8": (8,)}
 
 
-def finetune(unet, scheduler, base, keep, data, checkpoints, at_checkpoint, seed, lr=1e-4):
-    """`guardtune evaluate`'s user (AdamW, batch 16, same batches per seed), rows held by `keep`.
+def finetune(unet, scheduler, base, keep, data, checkpoints, at_checkpoint, seed):
+    """`guardtune evaluate`'s simulated user, with rows held where `keep` says.
 
-    keep[name] is None (train the tensor), 0.0 (freeze it) or a 0/1 column over its rows.
+    keep[name] is 0.0 (freeze the tensor) or a 0/1 column over its rows; absent: train it.
+    Held rows get no gradient, so Adam never moves them, and they are put back before every
+    forward, since AdamW's weight decay still would.
     """
-    unet.load_state_dict(base)
-    partial = {}
-    for name, parameter in unet.named_parameters():
-        held = keep.get(name)
-        parameter.requires_grad_(not isinstance(held, float))
-        if isinstance(held, torch.Tensor):
-            partial[name] = (parameter, held, base[name])
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2, fused=True)
-    unet.train()
-    for step in range(1, max(checkpoints) + 1):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        latents, states = data.batch(16, generator)
-        loss = diffusion_loss(unet, scheduler, latents, states, generator, None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for parameter, held, _ in partial.values():
-            parameter.grad.mul_(held)  # Adam never moves a row whose gradient is always zero...
-        optimizer.step()
+    frozen = {name for name, held in keep.items() if isinstance(held, float)}
+    partial = [(p, keep[n], base[n]) for n, p in unet.named_parameters()
+               if isinstance(keep.get(n), torch.Tensor)]  # fmt: skip
+
+    def put_back(module, inputs) -> None:
         with torch.no_grad():
-            for parameter, held, original in partial.values():
-                parameter.mul_(held).add_(original * (1 - held))  # ...but weight decay would
-        if step in checkpoints:
-            unet.eval()
-            at_checkpoint(step)
-            unet.train()
-    unet.requires_grad_(False)
-    unet.eval()
+            for parameter, held, original in partial:
+                parameter.mul_(held).add_(original * (1 - held))
+
+    for parameter, _, _ in partial:
+        parameter.requires_grad_(True)  # user_finetune trains it too; hooks need it now
+    hooks = [p.register_hook(lambda g, held=held: g * held) for p, held, _ in partial]
+    hooks.append(unet.register_forward_pre_hook(put_back))
+    try:
+        user_finetune(unet, scheduler, base, frozen, data, checkpoints, at_checkpoint, seed)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def units(delta: dict[str, torch.Tensor], by_channel: bool) -> list[tuple[str, int | None, int]]:
@@ -99,10 +92,12 @@ def energy(delta: dict[str, torch.Tensor], unit: tuple[str, int | None, int]) ->
 def oracle_mask(deltas, by_channel: bool, ratio: float):
     """Units ranked by (illegal - legal) update-energy share per parameter, under `ratio`."""
     illegal, legal = deltas["illegal 7+9"], deltas["legal new 8"]
-    total_i = sum(float(d.double().square().sum()) for d in illegal.values())
-    total_l = sum(float(d.double().square().sum()) for d in legal.values())
+    total = {t: sum(float(d.double().square().sum()) for d in deltas[t].values()) for t in TASKS}
     candidates = units(illegal, by_channel)
-    score = [(energy(illegal, u) / total_i - energy(legal, u) / total_l) / u[2] for u in candidates]
+    score = [
+        (energy(illegal, u) / total["illegal 7+9"] - energy(legal, u) / total["legal new 8"]) / u[2]
+        for u in candidates
+    ]
     budget = ratio * sum(d.numel() for d in illegal.values())
     frozen, covered = [], 0
     for index in np.argsort(score)[::-1]:
@@ -110,11 +105,7 @@ def oracle_mask(deltas, by_channel: bool, ratio: float):
         if covered + unit[2] <= budget:
             frozen.append(unit)
             covered += unit[2]
-    captured = {
-        task: sum(energy(deltas[task], u) for u in frozen)
-        / sum(float(d.double().square().sum()) for d in deltas[task].values())
-        for task in TASKS
-    }
+    captured = {t: sum(energy(deltas[t], u) for u in frozen) / total[t] for t in TASKS}
     keep: dict[str, torch.Tensor | float] = {}
     for name, row, _ in frozen:
         if row is None:

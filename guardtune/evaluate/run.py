@@ -402,13 +402,12 @@ def evaluate(
                         "measurements": [dataclasses.asdict(m) for m in found],
                     }  # fmt: skip
                     save()
-    runs = [done(*run) for run in plan]
-    measurements = [Measurement(**m) for run in runs if run for m in run["measurements"]]
+    runs = [finished[m, variant[m], s, t] for m, s, t in plan]  # every one is finished now
+    measurements = [Measurement(**m) for run in runs for m in run["measurements"]]
     unet.load_state_dict(base)
     by_method: dict[str, list[float]] = {}
     for run in runs:
-        if run:
-            by_method.setdefault(run["method"], []).append(run["frozen_share"])
+        by_method.setdefault(run["method"], []).append(run["frozen_share"])
     frozen_share = {m: float(np.mean(v)) for m, v in by_method.items()}
     summary = summarise(measurements, config.methods, tasks, checkpoints, scorer is not None)
     result = EvaluationResult(
