@@ -30,11 +30,11 @@ test: lint
 # Rebuild the embedded model and digit classifier (about 50 minutes on 2 CPU cores), then its
 # policy. The policy's signing key is keys/guardtune-digits.key (made if absent, never committed).
 embedded: setup
-	$(BIN)/python -m guardtune.embedded
+	$(BIN)/python -m guardtune.digits.build
 	$(MAKE) embedded-policy
 
 embedded-policy: setup
-	$(BIN)/python -m guardtune.embedded --policy-only
+	$(BIN)/python -m guardtune.digits.build --policy-only
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -28,10 +28,10 @@ from sd15 import write_unet
 
 from guardtune.enforce.audit import audit
 from guardtune.learn.binarize import freeze_top, random_scores
-from guardtune.masks import build_policy, sign_policy_file
 from guardtune.models import EMBEDDED_DIR, ModelSource
-from guardtune.policy import Provenance
-from guardtune.signing import generate_key, public_pem
+from guardtune.trust.build import build_policy, sign_policy_file
+from guardtune.trust.policy import Provenance
+from guardtune.trust.signing import generate_key, public_pem
 
 
 def best_of(repeats: int, run) -> tuple[float, object]:
@@ -61,9 +61,9 @@ def main() -> None:
         key = generate_key()
         trusted = Path(folder) / "publisher.pub"
         trusted.write_bytes(public_pem(key.public_key()))
-        draft = build_policy(ModelSource("folder", base), [f"unet.{n}" for n in frozen],
+        policy = build_policy(ModelSource("folder", base), [f"unet.{n}" for n in frozen],
                              Provenance("random"))  # fmt: skip
-        sign_policy_file(draft.policy, [key], base / "guardtune-policy.json")
+        sign_policy_file(policy, [key], base / "guardtune-policy.json")
         shutil.copytree(base, derivative, ignore=shutil.ignore_patterns("unet"))
         (derivative / "unet").mkdir()
         shutil.copy(base / "unet" / "config.json", derivative / "unet")

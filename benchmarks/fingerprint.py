@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from sd15 import write_unet
 
-from guardtune.fingerprint import fingerprint_records, read_header
+from guardtune.trust.fingerprint import fingerprint_records, read_header
 
 
 def best_of(repeats: int, run) -> float:
@@ -53,7 +53,7 @@ def main() -> None:
             sha = best_of(args.repeats, lambda p=path: subprocess.run(
                 ["sha256sum", str(p)], check=True, capture_output=True))  # fmt: skip
             ours = best_of(args.repeats, lambda r=records: fingerprint_records(r))
-            from guardtune.fingerprint import hash_records
+            from guardtune.trust.fingerprint import hash_records
 
             single = best_of(1, lambda r=records: hash_records(r, workers=1))
             size = path.stat().st_size / 2**30

@@ -2,9 +2,9 @@
 
 Policies freeze whole UNet tensors. On the embedded scenario (base knows 0-6; illegal = learn 7
 and 9; legal = learn the new class 8), freezing 30% of the parameters slows learning 8 nearly as
-much as learning 7 and 9 (issue 7). This probe asks whether that is a limit of the granularity,
-with an oracle mask that has seen the attacks' own updates, so it bounds what a learned mask of
-each granularity could do rather than measuring the learner:
+much as learning 7 and 9 (`guardtune evaluate`). This probe asks whether that is a limit of the
+granularity, with an oracle mask that has seen the attacks' own updates, so it bounds what a
+learned mask of each granularity could do rather than measuring the learner:
 
 1. Fine-tune the unfrozen model on each task (seed 0) and keep its update, delta = theta - theta_0.
 2. Units: whole tensors, or dim-0 slices (a conv's or linear's output channels; the entries of
@@ -35,12 +35,12 @@ from rich.console import Console
 from rich.table import Table
 
 from guardtune import atomic
-from guardtune.classifier import load_classifier, to_classifier_input
-from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
-from guardtune.digits import prompt_for
+from guardtune.data import ImageCaptionDataset, scan_folder
+from guardtune.digits.classifier import load_classifier, to_classifier_input
+from guardtune.digits.dataset import export_digits, prompt_for
 from guardtune.evaluate.attack import user_finetune
 from guardtune.models import load_pipeline
-from guardtune.train import EncodedData
+from guardtune.training.encode import EncodedData
 
 TASKS = {"illegal 7+9": (7, 9), "legal new 8": (8,)}
 

@@ -46,8 +46,8 @@ def child(kind: str, model: str, cycles: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from guardtune.learn.freezeasguard import LearnerConfig, learn_mask
-    from guardtune.savings import _RssSampler
-    from guardtune.train import diffusion_loss
+    from guardtune.training.loss import diffusion_loss
+    from guardtune.training.memory import RssSampler
 
     torch.manual_seed(0)
     if model == "digits":
@@ -63,7 +63,7 @@ def child(kind: str, model: str, cycles: int) -> dict:
     times: list[float] = []
     if kind == "plain":
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
-        with _RssSampler() as sampler:
+        with RssSampler() as sampler:
             for cycle in range(cycles + 1):
                 began = time.perf_counter()
                 for step in range(USER_STEPS + 1):  # as many forward/backward passes as a cycle
@@ -83,7 +83,7 @@ def child(kind: str, model: str, cycles: int) -> dict:
             if "share" in fields:  # a mask round ended
                 stamps.append(time.perf_counter())
 
-        with _RssSampler() as sampler:
+        with RssSampler() as sampler:
             stamps.append(time.perf_counter())
             learn_mask(unet, scheduler, data, data, config, report)
         times = [b - a for a, b in itertools.pairwise(stamps[1:])]  # whole cycles only

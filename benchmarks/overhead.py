@@ -32,7 +32,7 @@ def plain_loop(data: Path, steps: int, batch_size: int) -> dict:
 
     from guardtune.data import ImageCaptionDataset, scan_folder
     from guardtune.models import load_pipeline
-    from guardtune.savings import _RssSampler
+    from guardtune.training.memory import RssSampler
 
     torch.manual_seed(0)
     pipeline = load_pipeline("digits", device=torch.device("cpu"), dtype=torch.float32)
@@ -45,7 +45,7 @@ def plain_loop(data: Path, steps: int, batch_size: int) -> dict:
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)
     times = []
-    with _RssSampler() as sampler:
+    with RssSampler() as sampler:
         for _ in range(steps):
             began = time.perf_counter()
             idx = torch.randint(len(dataset), (batch_size,)).tolist()
@@ -71,11 +71,12 @@ def plain_loop(data: Path, steps: int, batch_size: int) -> dict:
 
 
 def guardtune_loop(data: Path, steps: int, batch_size: int, out: Path) -> dict:
-    from guardtune.savings import _RssSampler
-    from guardtune.train import TrainConfig, finetune
+    from guardtune.training.config import TrainConfig
+    from guardtune.training.finetune import finetune
+    from guardtune.training.memory import RssSampler
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-5)
-    with _RssSampler() as sampler:
+    with RssSampler() as sampler:
         result = finetune(data, out, no_policy=True, config=config, compare=False,
                           show_progress=False)  # fmt: skip
     return {"step_s": result.step_time_s, "peak_bytes": sampler.peak}
@@ -99,7 +100,7 @@ def main() -> None:
                 )
             )
         return
-    from guardtune.data import export_digits
+    from guardtune.digits.dataset import export_digits
 
     with tempfile.TemporaryDirectory() as folder:
         data = export_digits(Path(folder) / "data", (7, 9), "train").out

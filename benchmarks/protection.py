@@ -1,6 +1,6 @@
 """How well policies protect the embedded model: illegal vs legal adaptation under attack.
 
-Scenario (issue 6): the base model knows digits 0-6. Illegal = teach it 7 and 9. Legal A = a
+Scenario: the base model knows digits 0-6. Illegal = teach it 7 and 9. Legal A = a
 bold stroke style of the known digits under the same prompts (an adaptation that differs in
 kind); legal B = teach it the new class 8. Every row gets the same user fine-tune (full, AdamW
 lr 1e-4, batch 16) on the task's real training images, and the samples it then draws (25 DDIM
@@ -30,14 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from guardtune import atomic
-from guardtune.classifier import load_classifier, to_classifier_input
-from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
-from guardtune.digits import BASE_CLASSES, load_digits, prompt_for
+from guardtune.data import ImageCaptionDataset, scan_folder
+from guardtune.digits.classifier import load_classifier, to_classifier_input
+from guardtune.digits.dataset import BASE_CLASSES, export_digits, load_digits, prompt_for
 from guardtune.evaluate.attack import user_finetune
 from guardtune.learn.binarize import freeze_top, random_scores
 from guardtune.learn.freezeasguard import LearnerConfig, learn_mask
 from guardtune.models import load_pipeline
-from guardtune.train import EncodedData
+from guardtune.training.encode import EncodedData
 
 
 def ink_threshold() -> float:

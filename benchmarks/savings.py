@@ -32,7 +32,7 @@ def probe(share: float, steps: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from guardtune.savings import _RssSampler
+    from guardtune.training.memory import RssSampler
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -58,7 +58,7 @@ def probe(share: float, steps: int) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    with _RssSampler() as sampler:
+    with RssSampler() as sampler:
         for _ in range(steps):
             began = time.perf_counter()
             unet(latents, timestep, states).sample.pow(2).mean().backward()

@@ -130,8 +130,7 @@ def data_digits(
     json_path: JsonOption = None,
 ) -> None:
     """Export real handwritten digits (scikit-learn's) as a ready training folder."""
-    from guardtune.data import export_digits
-    from guardtune.digits import parse_classes
+    from guardtune.digits.dataset import export_digits, parse_classes
 
     def action():
         try:
@@ -253,7 +252,7 @@ def keygen(
     json_path: JsonOption = None,
 ) -> None:
     """Create a publisher signing key pair (the private key file is mode 0600)."""
-    from guardtune.signing import PASSPHRASE_ENV, write_keypair
+    from guardtune.trust.signing import PASSPHRASE_ENV, write_keypair
 
     @dataclasses.dataclass(frozen=True)
     class KeygenResult:
@@ -299,11 +298,11 @@ def policy_sign(
     json_path: JsonOption = None,
 ) -> None:
     """Turn a freeze mask into a signed policy bound to the model's exact weights."""
-    from guardtune.masks import build_policy, read_mask, sign_policy_file
     from guardtune.models import resolve_model
-    from guardtune.policy import Provenance, parse_time
-    from guardtune.signing import load_private_key
-    from guardtune.verify import default_policy_path
+    from guardtune.trust.build import build_policy, read_mask, sign_policy_file
+    from guardtune.trust.policy import Provenance, parse_time
+    from guardtune.trust.signing import load_private_key
+    from guardtune.trust.verify import default_policy_path
 
     @dataclasses.dataclass(frozen=True)
     class SignResult:
@@ -319,15 +318,15 @@ def policy_sign(
             parse_time(expires, "--expires")
         keys = [load_private_key(path) for path in key]
         names = read_mask(mask, source)
-        draft = build_policy(source, names, Provenance(method, {"mask_file": mask.name}), expires)
+        policy = build_policy(source, names, Provenance(method, {"mask_file": mask.name}), expires)
         target = out or default_policy_path(source)
-        sign_policy_file(draft.policy, keys, target)
-        from guardtune.signing import key_id
+        sign_policy_file(policy, keys, target)
+        from guardtune.trust.signing import key_id
 
         signers = tuple(key_id(k.public_key()) for k in keys)
-        share = draft.policy.frozen_share
+        share = policy.frozen_share
         return SignResult(
-            target, len(draft.policy.frozen_tensors), share.parameters, share.tensors, signers
+            target, len(policy.frozen_tensors), share.parameters, share.tensors, signers
         )
 
     def render(result: SignResult) -> None:
@@ -349,7 +348,7 @@ def policy_verify(
     json_path: JsonOption = None,
 ) -> None:
     """Check a policy's signature, validity and binding to the model (exit 0, 4, 5 or 6)."""
-    from guardtune.verify import verify_policy
+    from guardtune.trust.verify import verify_policy
 
     @dataclasses.dataclass(frozen=True)
     class VerifyResult:
@@ -390,7 +389,7 @@ def policy_show(
     json_path: JsonOption = None,
 ) -> None:
     """Where a policy freezes: the frozen share per UNet block (signature not checked)."""
-    from guardtune.inspection import describe_policy
+    from guardtune.trust.inspection import describe_policy
 
     def render(report) -> None:
         table = Table(title=f"Frozen share per UNet block: {report.policy}", title_justify="left")
@@ -454,7 +453,7 @@ def publish(
     """
     from guardtune.learn.freezeasguard import LearnerConfig
     from guardtune.publish import publish as run_publish
-    from guardtune.signing import load_private_key
+    from guardtune.trust.signing import load_private_key
 
     config = LearnerConfig(
         ratio=ratio, share_by=share_by, relearn_steps=relearn_steps, rounds=steps,
@@ -553,8 +552,8 @@ def finetune(
     json_path: JsonOption = None,
 ) -> None:
     """Fine-tune under the model's verified freeze policy and report what freezing saved."""
-    from guardtune.train import TrainConfig
-    from guardtune.train import finetune as run_finetune
+    from guardtune.training.config import TrainConfig
+    from guardtune.training.finetune import finetune as run_finetune
 
     config = TrainConfig(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
@@ -569,8 +568,10 @@ def finetune(
 
     def action():
         result = run_finetune(
-            data, out, model, model_config, policy, tuple(trusted or ()), no_policy, config,
-            caption_column, instance_prompt, class_data, class_prompt, resume, compare,
+            data, out, model=model, model_config=model_config, policy=policy,
+            trusted=tuple(trusted or ()), no_policy=no_policy, config=config,
+            caption_column=caption_column, instance_prompt=instance_prompt,
+            class_data=class_data, class_prompt=class_prompt, resume=resume, compare=compare,
         )  # fmt: skip
         if report is not None and result.savings is not None and main_rank:
             atomic.write_json(report, jsonable(result.savings))
@@ -782,7 +783,7 @@ def demo(
     json_path: JsonOption = None,
 ) -> None:
     """The main job on the embedded default: sample, fine-tune under the policy, compare."""
-    from guardtune.demo import run_demo
+    from guardtune.digits.demo import run_demo
 
     def score_table(title: str, rows) -> Table:
         table = Table(title=title, title_justify="left")

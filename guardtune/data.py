@@ -1,4 +1,4 @@
-"""Reading the image folders fine-tuning users already have, and writing digit folders.
+"""Reading the image folders fine-tuning users already have.
 
 Four layouts are recognised, in this order (the first that applies wins):
 
@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from guardtune import atomic
-from guardtune.digits import load_digits, to_uint8
 from guardtune.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -195,53 +193,3 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return self.pixels[index], self.captions[index]
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    out: Path
-    classes: tuple[int, ...]
-    split: str
-    style: str
-    images: int
-    per_class: dict[int, int]
-
-
-def export_digits(
-    out: Path,
-    classes: tuple[int, ...],
-    split: str = "train",
-    style: str = "plain",
-    overwrite: bool = False,
-) -> ExportReport:
-    """Write real digits as PNG files plus metadata.jsonl, atomically, into `out`."""
-    from guardtune.digits import prompt_for
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataError(f"{out} already exists and is not empty", hint="pass --overwrite")
-    try:
-        digits = load_digits(classes, split, style)
-    except ValueError as error:
-        raise DataError(str(error)) from error
-    pixels = to_uint8(digits.images)
-    records = []
-    counters: dict[int, int] = {}
-    with atomic.staged_dir(out) as staging:
-        rows = zip(pixels, digits.labels.tolist(), digits.source_index.tolist(), strict=True)
-        for array, label, source_index in rows:
-            index = counters.get(label, 0)
-            counters[label] = index + 1
-            name = f"{label}_{split}_{index:04d}.png"
-            Image.fromarray(array).save(staging / name)
-            records.append(
-                {
-                    "file_name": name,
-                    "text": prompt_for(label),
-                    "label": label,
-                    "source_index": source_index,  # row in sklearn's digits, to audit splits
-                }
-            )
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        (staging / "metadata.jsonl").write_text(lines, encoding="utf-8")
-    return ExportReport(out, classes, split, style, len(records), dict(sorted(counters.items())))

@@ -1,7 +1,8 @@
 """Sampling images from a pipeline and writing them as a grid and as single files.
 
-Called by `guardtune generate` and the demo. Sampling is seeded with one torch.Generator on the
-pipeline's device, so the same seed, prompt and settings give the same images.
+`sample_images` is the one sampling loop: `guardtune generate`, the demo, the embedded build,
+`evaluate` and the benchmarks draw through it. Sampling is seeded with one torch.Generator,
+so the same seed, prompts and settings give the same images.
 """
 
 from __future__ import annotations
@@ -46,6 +47,42 @@ def load_lora(pipeline, path: Path) -> None:
 
 
 @torch.no_grad()
+def sample_images(
+    pipeline,
+    prompts: list[str],
+    generator: torch.Generator,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    batch_size: int | None = None,
+    negative_prompt: str | None = None,
+) -> torch.Tensor:
+    """One image per prompt, (N, 3, H, W) fp32 in [0, 1] on the CPU.
+
+    Prompts go through the pipeline `batch_size` at a time (all at once if None), every batch
+    drawing from the same `generator`, so the images depend on the batching too.
+    """
+    batch_size = batch_size or len(prompts)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        output = pipeline(
+            batch,
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="pt",
+        )
+        images.append(output.images.float().cpu())
+    return torch.cat(images)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [0, 1] to 8-bit RGB images, rounded as diffusers' own PIL output is."""
+    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(image) for image in array]
+
+
 def sample(
     pipeline,
     prompt: str,
@@ -55,17 +92,14 @@ def sample(
     guidance: float = DEFAULT_GUIDANCE,
     negative_prompt: str | None = None,
 ) -> list[Image.Image]:
+    """`num` images of one prompt, seeded on the pipeline's device."""
     if num < 1 or steps < 1:
         raise DataError("--num and --steps must be at least 1")
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
-    output = pipeline(
-        [prompt] * num,
-        negative_prompt=[negative_prompt] * num if negative_prompt else None,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=generator,
+    images = sample_images(
+        pipeline, [prompt] * num, generator, steps, guidance, negative_prompt=negative_prompt
     )
-    return list(output.images)
+    return to_pil(images)
 
 
 def make_grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:

@@ -18,11 +18,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from guardtune.contract import (
+    ASSETS_DIR,
+    COMPONENTS,
+    LDM_UNET_PREFIX,
+    default_device,
+    default_dtype,
+)
 from guardtune.errors import DataError
 
 EMBEDDED = "digits"
-EMBEDDED_DIR = Path(__file__).parent / "assets" / "digits"
-COMPONENTS_WITH_WEIGHTS = ("unet", "vae", "text_encoder")
+EMBEDDED_DIR = ASSETS_DIR / "digits"
 
 
 @dataclass(frozen=True)
@@ -72,17 +78,6 @@ def resolve_model(model: str, config_dir: Path | None = None) -> ModelSource:
     return ModelSource("single_file", path, config_dir)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 autocast is 8-24x slower there), bf16 or fp16 on GPU."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def checkpoint_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -117,7 +112,7 @@ def load_pipeline(
     try:
         if source.kind in ("embedded", "folder"):
             pipeline = StableDiffusionPipeline.from_pretrained(source.path, **options)
-        elif any(k.startswith("model.diffusion_model.") for k in checkpoint_keys(source.path)):
+        elif any(k.startswith(LDM_UNET_PREFIX) for k in checkpoint_keys(source.path)):
             pipeline = StableDiffusionPipeline.from_single_file(
                 str(source.path), config=str(source.config_dir), **options
             )
@@ -136,7 +131,7 @@ def load_pipeline(
 def _load_guardtune_single_file(pipeline, path: Path) -> None:
     """Load `unet.*`, `vae.*`, `text_encoder.*` keys into the pipeline's components, strictly."""
     state = load_file(str(path))
-    for name in COMPONENTS_WITH_WEIGHTS:
+    for name in COMPONENTS:
         prefix = f"{name}."
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
@@ -153,7 +148,7 @@ def _load_guardtune_single_file(pipeline, path: Path) -> None:
                 f"{len(missing)} missing and {len(unexpected)} unexpected tensors (e.g. {first})"
             )
         module.to(dtype)
-    leftover = [k for k in state if k.split(".", 1)[0] not in COMPONENTS_WITH_WEIGHTS]
+    leftover = [k for k in state if k.split(".", 1)[0] not in COMPONENTS]
     if leftover:
         raise DataError(f"{path.name} has tensors of no known component (e.g. {leftover[0]})")
 
@@ -161,7 +156,7 @@ def _load_guardtune_single_file(pipeline, path: Path) -> None:
 def save_single_file(pipeline, path: Path) -> None:
     """Write UNet, VAE and text encoder into one safetensors file with component prefixes."""
     state: dict[str, torch.Tensor] = {}
-    for name in COMPONENTS_WITH_WEIGHTS:
+    for name in COMPONENTS:
         for key, tensor in getattr(pipeline, name).state_dict().items():
             state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
     tmp = path.with_name(f".{path.name}.partial")

@@ -23,16 +23,16 @@ import torch
 from guardtune import atomic
 from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.errors import DataError
-from guardtune.fingerprint import fingerprint_model
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
-from guardtune.masks import build_policy, sign_policy_file
 from guardtune.models import load_pipeline, resolve_model
-from guardtune.policy import Provenance
-from guardtune.progress import track
-from guardtune.signing import PrivateKey, key_id
-from guardtune.train import EncodedData, data_digest
-from guardtune.verify import default_policy_path
+from guardtune.training.encode import EncodedData, data_digest
+from guardtune.training.progress import track
+from guardtune.trust.build import build_policy, sign_policy_file
+from guardtune.trust.fingerprint import fingerprint_model
+from guardtune.trust.policy import Provenance
+from guardtune.trust.signing import PrivateKey, key_id
+from guardtune.trust.verify import default_policy_path
 
 METHODS = ("freezeasguard", "random")
 
@@ -151,10 +151,10 @@ def publish(
         return None  # the main process signs and writes
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items()}
     datasets = {"illegal": data_digest(illegal_scan), "legal": data_digest(legal_scan)}
-    draft = build_policy(
+    policy = build_policy(
         source, [f"unet.{n}" for n in frozen], Provenance(method, hyperparameters, datasets)
     )
-    sign_policy_file(draft.policy, keys, target)
+    sign_policy_file(policy, keys, target)
     log = target.with_name(target.stem + ".log.json")
     atomic.write_json(log, {"policy_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
                             "method": method, "config": hyperparameters, "frozen": frozen,
@@ -165,7 +165,7 @@ def publish(
     if history:
         curve = target.with_name(target.stem + ".curve.png")
         _plot_curve(history, curve)
-    share = draft.policy.frozen_share
+    share = policy.frozen_share
     return PublishResult(
         policy=target, method=method, frozen_tensors=len(frozen),
         frozen_share_parameters=share.parameters, frozen_share_tensors=share.tensors,

@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from guardtune.masks import build_policy
 from guardtune.models import EMBEDDED_DIR, ModelSource
-from guardtune.policy import FreezePolicy, Provenance
-from guardtune.signing import PrivateKey, generate_key, public_pem, sign_payload
+from guardtune.trust.build import build_policy
+from guardtune.trust.policy import FreezePolicy, Provenance
+from guardtune.trust.signing import PrivateKey, generate_key, public_pem, sign_payload
 
 FROZEN = [
     "unet.mid_block.resnets.0.conv1.weight",
@@ -25,10 +25,10 @@ def copy_model(tmp_path: Path) -> Path:
 
 
 def make_policy(model_dir: Path, expires_at: str | None = None) -> FreezePolicy:
-    draft = build_policy(
+    policy = build_policy(
         ModelSource("folder", model_dir), FROZEN, Provenance("manual", {"p": 0.1}), expires_at
     )
-    return draft.policy
+    return policy
 
 
 def trust(tmp_path: Path, key: PrivateKey) -> Path:
@@ -56,7 +56,7 @@ def fresh_key() -> PrivateKey:
 
 def signed_model(tmp_path: Path, monkeypatch) -> dict:
     """A private model copy with its signed policy beside it; the signer's key is trusted."""
-    from guardtune.masks import sign_policy_file
+    from guardtune.trust.build import sign_policy_file
 
     monkeypatch.setenv("GUARDTUNE_TRUSTED_DIR", str(tmp_path / "trusted"))
     model = copy_model(tmp_path)

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from guardtune.cli import app
-from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
+from guardtune.data import ImageCaptionDataset, scan_folder
+from guardtune.digits.dataset import export_digits
 from guardtune.errors import DataError
 from tests.conftest import combined_output
 

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from guardtune.cli import app
-from guardtune.data import export_digits
+from guardtune.digits.dataset import export_digits
 from guardtune.learn.freezeasguard import LearnerConfig
 from guardtune.publish import publish
-from guardtune.signing import generate_key, public_pem
-from guardtune.train import TrainConfig, finetune
+from guardtune.training.config import TrainConfig
+from guardtune.training.finetune import finetune
+from guardtune.trust.signing import generate_key, public_pem
 from tests.conftest import combined_output
 from tests.policy_helpers import copy_model
 
@@ -48,7 +49,7 @@ def test_learned_policy_verifies_and_finetune_enforces_it(folders, tmp_path, mon
     log = json.loads(result.log.read_text())
     assert len(log["history"]) == 4 and result.curve is not None and result.curve.is_file()
     # The model folder's weights were not touched by learning.
-    trained = finetune(folders[0], tmp_path / "run", str(model),
+    trained = finetune(folders[0], tmp_path / "run", model=str(model),
                        config=TrainConfig(steps=2, batch_size=2, lr=1e-3),
                        compare=False, show_progress=False)  # fmt: skip
     assert trained.freeze.frozen_tensors == result.frozen_tensors

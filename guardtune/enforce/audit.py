@@ -24,7 +24,6 @@ model is never in memory twice. The CLI turns a non-compliant report into exit 7
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -33,9 +32,24 @@ from pathlib import Path
 
 import torch
 
+from guardtune.contract import (
+    LDM_UNET_PREFIX,
+    LORA_FILE,
+    PROVENANCE_FILE,
+    PROVENANCE_METADATA_KEY,
+    RunProvenance,
+    weight_files,
+)
 from guardtune.enforce.freeze import frozen_unet_names
+from guardtune.enforce.keynames import (
+    ModuleIndex,
+    diffusers_to_ldm_unet,
+    is_lora_key,
+    parse_lora_key,
+)
 from guardtune.errors import DataError
-from guardtune.fingerprint import (
+from guardtune.models import ModelSource, resolve_model
+from guardtune.trust.fingerprint import (
     TensorRecord,
     hash_records,
     load_record,
@@ -44,19 +58,7 @@ from guardtune.fingerprint import (
     read_header_and_metadata,
     renamed,
 )
-from guardtune.keynames import (
-    LDM_UNET_PREFIX,
-    ModuleIndex,
-    diffusers_to_ldm_unet,
-    is_lora_key,
-    parse_lora_key,
-)
-from guardtune.models import ModelSource, resolve_model
-from guardtune.verify import VerifiedPolicy, verify_policy
-
-PROVENANCE_FILE = "guardtune-provenance.json"
-PROVENANCE_METADATA_KEY = "guardtune_provenance"
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from guardtune.trust.verify import VerifiedPolicy, verify_policy
 
 # A bare UNet state dict (no component prefix) starts with one of these.
 _UNET_ROOTS = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "up_blocks.")
@@ -161,7 +163,9 @@ def locate(path: Path) -> Derivative:
     if (path / LORA_FILE).is_file():
         return _single_file(path / LORA_FILE, fallback_provenance=path / PROVENANCE_FILE)
     folder = path / "unet" if (path / "model_index.json").is_file() else path
-    files = _weight_files(folder)
+    plain, variants = weight_files(folder)
+    # A folder saved with `variant="fp16"` has only variant files; otherwise they are extras.
+    files = plain or variants
     if not files:
         raise DataError(
             f"{path} holds no UNet weights",
@@ -170,13 +174,6 @@ def locate(path: Path) -> Derivative:
     records = tuple(renamed(r, f"unet.{r.name}") for f in files for r in read_header(f))
     text, where = _provenance_file(path / PROVENANCE_FILE)
     return Derivative(path, "full", "diffusers", records, text, where)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    # A folder saved with `variant="fp16"` has only variant files; otherwise they are extras.
-    plain = [f for f in files if ".fp16." not in f.name and ".bf16." not in f.name]
-    return plain or files
 
 
 def _single_file(path: Path, fallback_provenance: Path | None = None) -> Derivative:
@@ -385,32 +382,23 @@ def check_provenance(found: Derivative, verified: VerifiedPolicy) -> ProvenanceC
     if found.provenance is None:
         return ProvenanceCheck(False, None, None)
     try:
-        claims = json.loads(found.provenance)
-    except json.JSONDecodeError:
-        return ProvenanceCheck(
-            True, False, found.provenance_where, ("provenance is not valid JSON",)
-        )
-    if not isinstance(claims, dict):
-        return ProvenanceCheck(
-            True, False, found.provenance_where, ("provenance is not an object",)
-        )
+        claims = RunProvenance.from_json(found.provenance)
+    except ValueError as error:
+        return ProvenanceCheck(True, False, found.provenance_where, (str(error),))
     policy = verified.policy
     problems = []
     roots = {component: fp.root for component, fp in policy.model.items()}
-    if claims.get("base_fingerprint") != roots:
+    if claims.base_fingerprint != roots:
         problems.append("provenance names another base model (fingerprint roots differ)")
-    if claims.get("policy_sha256") != hashlib.sha256(policy.to_json()).hexdigest():
+    if claims.policy_sha256 != hashlib.sha256(policy.to_json()).hexdigest():
         problems.append("provenance names another policy")
-    if claims.get("signer_keyid") != verified.signer_keyid:
+    if claims.signer_keyid != verified.signer_keyid:
         problems.append("provenance names another policy signer")
-    claimed = claims.get("frozen_tensor_digests")
     digests = policy.model["unet"].tensors
-    if not isinstance(claimed, dict) or set(claimed) != set(policy.frozen_tensors):
+    if set(claims.frozen_tensor_digests) != set(policy.frozen_tensors):
         problems.append("provenance lists other frozen tensors than the policy")
-    elif any(not isinstance(v, list) or v[-1:] != [digests[n]] for n, v in claimed.items()):
+    elif any(v[-1] != digests[n] for n, v in claims.frozen_tensor_digests.items()):
         problems.append("provenance lists frozen-tensor digests that are not the base's")
-    if claims.get("mode") not in (None, found.kind):
-        problems.append(
-            f"provenance says a {claims.get('mode')} fine-tune, the file is {found.kind}"
-        )
+    if claims.mode != found.kind:
+        problems.append(f"provenance says a {claims.mode} fine-tune, the file is {found.kind}")
     return ProvenanceCheck(True, not problems, found.provenance_where, tuple(problems))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from guardtune.errors import PolicyError
-from guardtune.policy import FreezePolicy
+from guardtune.trust.policy import FreezePolicy
 
 # diffusers' LoRA training scripts target these attention projections.
 LORA_TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")

@@ -4,7 +4,8 @@
 verified policy and the model's safetensors headers. `check` re-hashes the live tensors (cast
 back to the stored dtype, which is exact for the upcast weights training uses) and raises
 IntegrityError (exit 7) naming the first tensor that differs. The recipe calls it at every
-checkpoint and before it writes any output; `audit` calls it on derivatives.
+checkpoint and before it writes any output. (`audit` reads derivatives from their files and
+compares digests there; it does not load them into modules.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from guardtune.errors import IntegrityError
-from guardtune.fingerprint import SAFETENSORS_TO_TORCH, TensorRecord, tensor_digest
+from guardtune.trust.fingerprint import SAFETENSORS_TO_TORCH, TensorRecord, tensor_digest
 
 
 @dataclass(frozen=True)

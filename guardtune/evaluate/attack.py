@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from guardtune.progress import StepReporter
-from guardtune.train import EncodedData, diffusion_loss
+from guardtune.training.encode import EncodedData
+from guardtune.training.loss import diffusion_loss
+from guardtune.training.progress import StepReporter
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from guardtune.blocks import block_of
 from guardtune.learn.binarize import fill_to_share, random_scores
 
 METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce", "persguard")
-FREEZING = ("full", "random", "blocks", "freezeasguard")
 # Methods whose outcome depends on the seed beyond the user's fine-tune (they draw a mask).
 SEEDED = ("random", "blocks")
 

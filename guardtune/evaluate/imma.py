@@ -20,8 +20,9 @@ import torch
 from torch.func import functional_call
 
 from guardtune.evaluate.defenses import attention_projections
-from guardtune.progress import StepReporter
-from guardtune.train import EncodedData, diffusion_loss
+from guardtune.training.encode import EncodedData
+from guardtune.training.loss import diffusion_loss
+from guardtune.training.progress import StepReporter
 
 
 @dataclass(frozen=True)

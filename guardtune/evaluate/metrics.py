@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from guardtune.errors import DataError
-from guardtune.train import denoising_target
+from guardtune.training.loss import pose, predict
 
 
 class Scorer(Protocol):
@@ -63,19 +63,15 @@ def held_out_losses(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
     so two models are compared on exactly the same denoising problems.
     """
     generator = torch.Generator().manual_seed(1234)
-    device = next(unet.parameters()).device
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, steps - 1, latents.shape[0]).long()
     noise = torch.randn(latents.shape, generator=generator)
     losses = []
     for start in range(0, latents.shape[0], 32):
         chunk = slice(start, start + 32)
-        noisy = scheduler.add_noise(latents[chunk], noise[chunk], timesteps[chunk])
-        target = denoising_target(scheduler, latents[chunk], noise[chunk], timesteps[chunk])
-        prediction = unet(
-            noisy.to(device), timesteps[chunk].to(device), states[chunk].to(device)
-        ).sample.float()
-        losses.append((prediction.cpu() - target).pow(2).mean(dim=(1, 2, 3)))
+        problem = pose(scheduler, latents[chunk], noise[chunk], timesteps[chunk])
+        prediction = predict(unet, problem, states[chunk])
+        losses.append((prediction.cpu() - problem.target).pow(2).mean(dim=(1, 2, 3)))
     return torch.cat(losses)
 
 
@@ -85,13 +81,13 @@ class DigitScorer:
     name = "digits"
 
     def __init__(self) -> None:
-        from guardtune.classifier import load_classifier
+        from guardtune.digits.classifier import load_classifier
 
         self.classifier = load_classifier()
 
     @staticmethod
     def digit_of(prompt: str) -> int:
-        from guardtune.digits import NUMBER_WORDS
+        from guardtune.digits.dataset import NUMBER_WORDS
 
         words = set(prompt.lower().replace(",", " ").split())
         found = [d for d, word in enumerate(NUMBER_WORDS) if word in words]
@@ -107,7 +103,7 @@ class DigitScorer:
         all_prompts: list[str],
         reference: torch.Tensor,
     ) -> dict[str, float]:
-        from guardtune.classifier import to_classifier_input
+        from guardtune.digits.classifier import to_classifier_input
 
         gray, real = to_classifier_input(images), to_classifier_input(reference)
         digits = torch.tensor([self.digit_of(p) for p in prompts])

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from guardtune.progress import StepReporter
-from guardtune.train import EncodedData, denoising_target
+from guardtune.training.encode import EncodedData
+from guardtune.training.loss import draw_noise, pose
+from guardtune.training.progress import StepReporter
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,12 @@ def target_pattern(pipeline, cells: int = 4) -> torch.Tensor:
 
 def _loss(unet, weights, scheduler, clean, states, generator, target=None) -> torch.Tensor:
     """Diffusion loss of the UNet called with `weights`; `target` replaces the noise target."""
-    noise = torch.randn(clean.shape, generator=generator)
-    timesteps = torch.randint(
-        scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator
-    )
+    noise, timesteps = draw_noise(scheduler, tuple(clean.shape), generator)
+    problem = pose(scheduler, clean, noise, timesteps)
     device = next(iter(weights.values())).device
-    inputs = (scheduler.add_noise(clean, noise, timesteps).to(device), timesteps.to(device),
-              states.to(device))  # fmt: skip
+    inputs = problem.noisy.to(device), timesteps.to(device), states.to(device)
     prediction = functional_call(unet, weights, inputs).sample.float()
-    if target is None:
-        goal = denoising_target(scheduler, clean, noise, timesteps).to(device)
-    else:
-        goal = target(*inputs).float()
+    goal = problem.target.to(device) if target is None else target(*inputs).float()
     return F.mse_loss(prediction, goal)
 
 

@@ -42,9 +42,10 @@ from guardtune.evaluate.imma import ImmaConfig, immunize
 from guardtune.evaluate.metrics import Scorer, held_out_losses, make_scorer
 from guardtune.evaluate.persguard import PersGuardConfig, implant
 from guardtune.evaluate.uce import uce_edit
+from guardtune.generate import sample_images
 from guardtune.models import load_pipeline, resolve_model
-from guardtune.progress import track
-from guardtune.train import EncodedData, data_digest
+from guardtune.training.encode import EncodedData, data_digest
+from guardtune.training.progress import track
 
 
 @dataclass(frozen=True)
@@ -169,19 +170,10 @@ def versus_full(kind: str, scored: bool, value: float, full: float) -> float:
 def _sample(pipeline, task: Task, samples: int, seed: int, config: EvaluateConfig):
     per_prompt = max(1, math.ceil(samples / len(task.prompts)))
     prompts = [p for p in task.prompts for _ in range(per_prompt)]
-    images = []
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
-    for start in range(0, len(prompts), 16):
-        batch = prompts[start : start + 16]
-        output = pipeline(
-            batch,
-            num_inference_steps=config.inference_steps,
-            guidance_scale=config.guidance,
-            generator=generator,
-            output_type="pt",
-        )
-        images.append(output.images.float().cpu())
-    return torch.cat(images), prompts
+    images = sample_images(pipeline, prompts, generator, config.inference_steps,
+                           config.guidance, batch_size=16)  # fmt: skip
+    return images, prompts
 
 
 def _measure(pipeline, scheduler, task: Task, scorer: Scorer | None, all_prompts: list[str],
@@ -315,14 +307,14 @@ def evaluate(
     policy_frozen, policy_label = None, None
     if "freezeasguard" in config.methods:
         from guardtune.enforce.freeze import frozen_unet_names
-        from guardtune.verify import verify_policy
+        from guardtune.trust.verify import verify_policy
 
         verified = verify_policy(source, policy, trusted)  # fails closed, as finetune does
         policy_frozen = frozenset(frozen_unet_names(verified.policy))
         policy_label = str(verified.policy_path)
         model_root = verified.policy.model["unet"].root  # verification just matched it
     else:
-        from guardtune.fingerprint import fingerprint_model
+        from guardtune.trust.fingerprint import fingerprint_model
 
         model_root = fingerprint_model(source, ("unet",))["unet"].root
     from diffusers import DDPMScheduler

@@ -18,16 +18,15 @@ in memory (Sec. 3.3: two copies instead of three).
   cycle costs 1.10x as many plain fine-tune steps on an SD v1.5-size UNet, at 0.94x the memory
   (benchmarks/learner.py).
 
-Deviations from the paper (the first three from the probes in
-../shared/reference/feasibility-notes.md, the rest from this package's lever screen, see the
-README): the illegal and legal halves of a mask step share timesteps and noise (so their loss
-difference is not drowned by sampling noise); each tensor's inner product is divided by its size
-and by a running RMS over rounds (so the step size means the same for every tensor and every
-model); the sparsity pull is c * (share(m) - p), the gradient of c/2 * (share - p)^2, with share
-by parameters or tensors; the simulated user is Adam at the attacker's learning rate, and it
-restarts from theta_ft every `user_reset_every` rounds, so the mask keeps being judged against a
-user at the start of an attack rather than one that has trained for thousands of steps (the
-authors' code keeps one user trajectory); all mask logits start equal rather than random (a
+Deviations from the paper, each kept because probing the learner on the embedded scenario showed
+it mattered: the illegal and legal halves of a mask step share timesteps and noise (so their
+loss difference is not drowned by sampling noise); each tensor's inner product is divided by its
+size and by a running RMS over rounds (so the step size means the same for every tensor and
+every model); the sparsity pull is c * (share(m) - p), the gradient of c/2 * (share - p)^2, with
+share by parameters or tensors; the simulated user is Adam at the attacker's learning rate, and
+it restarts from theta_ft every `user_reset_every` rounds, so the mask keeps being judged
+against a user at the start of an attack rather than one that has trained for thousands of steps
+(the authors' code keeps one user trajectory); all mask logits start equal rather than random (a
 random start hid the signal). lambda1 = lambda2 = 1 because both halves of every batch have the
 same size, which is the balance Sec. 3.1 asks for.
 
@@ -55,9 +54,9 @@ import torch.nn.functional as F
 
 from guardtune import atomic
 from guardtune.errors import DataError
-from guardtune.fingerprint import read_header
 from guardtune.learn.binarize import freeze_top
-from guardtune.train import denoising_target
+from guardtune.training.loss import draw_noise, pose, predict
+from guardtune.trust.fingerprint import read_header
 
 
 @dataclass(frozen=True)
@@ -262,17 +261,14 @@ def _paired_losses(unet, scheduler, illegal, legal, size: int, seed: int, shared
     illegal_latents, illegal_states = illegal.batch(size, generator)
     legal_latents, legal_states = legal.batch(size, generator)
     draws = size if shared else 2 * size
-    noise = torch.randn((draws, *illegal_latents.shape[1:]), generator=generator)
-    timesteps = torch.randint(scheduler.config.num_train_timesteps, (draws,), generator=generator)
+    noise, timesteps = draw_noise(scheduler, (draws, *illegal_latents.shape[1:]), generator)
     if shared:
         noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     latents = torch.cat([illegal_latents, legal_latents])
-    states = torch.cat([illegal_states, legal_states])
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = denoising_target(scheduler, latents, noise, timesteps)
-    device = next(unet.parameters()).device
-    prediction = unet(noisy.to(device), timesteps.to(device), states.to(device)).sample.float()
-    per_example = F.mse_loss(prediction, target.to(device), reduction="none").mean(dim=(1, 2, 3))
+    problem = pose(scheduler, latents, noise, timesteps)
+    prediction = predict(unet, problem, torch.cat([illegal_states, legal_states]))
+    target = problem.target.to(prediction.device)
+    per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
     return per_example[:size].mean(), per_example[size:].mean()
 
 
@@ -404,7 +400,7 @@ def learn_mask(
     # Start near m = 0, theta(m) ~ theta_ft. Sec. 3.3 draws random negative w; we start them
     # equal by default, because a random start is a ranking that 150 mask steps do not undo:
     # with a spread of 0.2 the learned 30% mask protected no better than random freezing, with
-    # none it did (the issue 6 closing note has the figures).
+    # none it did (embedded scenario, p = 0.3).
     spread = torch.rand(len(params), generator=generator, dtype=torch.float64)
     logits = -1.0 - config.init_spread * spread
     mean_square = 0.0

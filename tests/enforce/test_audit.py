@@ -13,15 +13,17 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from guardtune.cli import app
-from guardtune.data import export_digits
+from guardtune.contract import LORA_FILE, PROVENANCE_FILE
+from guardtune.digits.dataset import export_digits
 from guardtune.enforce.audit import audit
+from guardtune.enforce.keynames import LDM_UNET_PREFIX, diffusers_to_ldm_unet
 from guardtune.errors import SignatureError
-from guardtune.keynames import LDM_UNET_PREFIX, diffusers_to_ldm_unet
-from guardtune.masks import build_policy, sign_policy_file
 from guardtune.models import ModelSource
-from guardtune.policy import Provenance
-from guardtune.signing import generate_key, public_pem
-from guardtune.train import LORA_FILE, PROVENANCE_FILE, TrainConfig, finetune
+from guardtune.training.config import TrainConfig
+from guardtune.training.finetune import finetune
+from guardtune.trust.build import build_policy, sign_policy_file
+from guardtune.trust.policy import Provenance
+from guardtune.trust.signing import generate_key, public_pem
 from tests.conftest import combined_output
 from tests.policy_helpers import FROZEN, copy_model
 
@@ -44,8 +46,8 @@ def setup(tmp_path_factory):
     key = generate_key()
     pub = root / "publisher.pub"
     pub.write_bytes(public_pem(key.public_key()))
-    draft = build_policy(ModelSource("folder", model), POLICY_FROZEN, Provenance("manual"))
-    sign_policy_file(draft.policy, [key], model / "guardtune-policy.json")
+    policy = build_policy(ModelSource("folder", model), POLICY_FROZEN, Provenance("manual"))
+    sign_policy_file(policy, [key], model / "guardtune-policy.json")
     data = export_digits(root / "data", (7,), "train").out
     common = dict(model=str(model), trusted=(pub,), compare=False, show_progress=False)
     finetune(data, root / "full", config=TrainConfig(steps=2, batch_size=4, lr=1e-3), **common)

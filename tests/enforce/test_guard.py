@@ -4,8 +4,8 @@ from diffusers import UNet2DConditionModel
 
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import IntegrityError
-from guardtune.fingerprint import model_tensors
 from guardtune.models import ModelSource
+from guardtune.trust.fingerprint import model_tensors
 from tests.policy_helpers import FROZEN, copy_model, make_policy
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from guardtune.blocks import block_of
-from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
+from guardtune.data import ImageCaptionDataset, scan_folder
+from guardtune.digits.dataset import export_digits
 from guardtune.evaluate.defenses import (
     attention_projections,
     blocks_mask,
@@ -15,7 +16,7 @@ from guardtune.evaluate.defenses import (
 )
 from guardtune.evaluate.imma import ImmaConfig, immunize
 from guardtune.evaluate.uce import _aligned, _token_embeddings, uce_edit
-from guardtune.train import EncodedData
+from guardtune.training.encode import EncodedData
 from tests.evaluate.zero_unet import ZeroUNet, expected_target
 
 

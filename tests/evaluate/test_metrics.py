@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from guardtune.digits import load_digits, prompt_for
+from guardtune.digits.dataset import load_digits, prompt_for
 from guardtune.errors import DataError
 from guardtune.evaluate.metrics import ClipScorer, DigitScorer, frechet_distance, make_scorer
 from tests.evaluate.zero_unet import ZeroUNet, expected_target

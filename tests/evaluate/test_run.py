@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from guardtune.cli import app
-from guardtune.data import export_digits
+from guardtune.digits.dataset import export_digits
 from guardtune.evaluate.defenses import METHODS
 from guardtune.evaluate.run import Measurement, Task, summarise
 from tests.conftest import combined_output

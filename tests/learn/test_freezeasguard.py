@@ -105,8 +105,9 @@ def test_average_takes_the_mean_across_two_processes(tmp_path):
 def task(embedded_pipeline, tmp_path_factory):
     from diffusers import DDPMScheduler
 
-    from guardtune.data import ImageCaptionDataset, export_digits, scan_folder
-    from guardtune.train import EncodedData
+    from guardtune.data import ImageCaptionDataset, scan_folder
+    from guardtune.digits.dataset import export_digits
+    from guardtune.training.encode import EncodedData
 
     root = tmp_path_factory.mktemp("learn-data")
 

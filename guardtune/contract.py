@@ -1,0 +1,116 @@
+"""The on-disk contract: every file name, metadata key and record that two modules share.
+
+What `finetune` writes, `audit` reads; what `publish` and `policy sign` write, `verify` reads.
+Each such name is spelled here once, with the record type both sides use (`RunProvenance`),
+so a writer and its reader cannot drift apart. Also here: which files of a model folder hold
+weights, the components whose tensors a policy fingerprints, the key prefix of original
+(LDM) Stable Diffusion checkpoints, and the default device. Imported by the trust chain, the
+enforcement and the recipes; it imports nothing of guardtune's but the errors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGE_DIR = Path(__file__).parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+# A model folder carries its signed policy beside model_index.json.
+POLICY_FILE = "guardtune-policy.json"
+# A fine-tune's record of what it was made from: in the run folder and inside its model folder.
+PROVENANCE_FILE = "guardtune-provenance.json"
+# ... and, for a LoRA file, in its safetensors metadata under this key.
+PROVENANCE_METADATA_KEY = "guardtune_provenance"
+# diffusers' name for a LoRA file (`load_lora_weights` looks for it in a folder).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+# The components whose tensors a policy fingerprints; a guardtune single file prefixes each
+# tensor with one of them (`unet.conv_in.weight`).
+COMPONENTS = ("unet", "text_encoder", "vae")
+# Original Stable Diffusion (LDM) checkpoints name the UNet's tensors under this prefix.
+LDM_UNET_PREFIX = "model.diffusion_model."
+# diffusers writes `*.fp16.safetensors` (or bf16) for `variant="fp16"`; they are not the
+# default weights of a folder that also holds plain ones.
+VARIANT_INFIXES = (".fp16.", ".bf16.")
+
+
+def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A component folder's safetensors files: (plain, variant), each sorted by name."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    variants = [f for f in files if any(infix in f.name for infix in VARIANT_INFIXES)]
+    return [f for f in files if f not in variants], variants
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 autocast is 8-24x slower there), bf16 or fp16 on GPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+_PROVENANCE_FIELDS: dict[str, tuple[type, ...]] = {
+    "tool_version": (str,),
+    "base_model": (str,),
+    "base_fingerprint": (dict, type(None)),
+    "policy_sha256": (str,),
+    "signer_keyid": (str, type(None)),
+    "data_sha256": (str,),
+    "config": (dict,),
+    "mode": (str,),
+    "frozen_tensor_digests": (dict,),
+}
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    """What a fine-tune was made from; written by `finetune`, checked by `audit`.
+
+    `base_fingerprint` maps each component to the root digest of the base's weights and
+    `frozen_tensor_digests` each frozen tensor to (stored dtype, digest) (both empty or None
+    for a run without a policy); `policy_sha256` is the sha256 of the policy's canonical
+    payload, or "none".
+    """
+
+    tool_version: str
+    base_model: str
+    base_fingerprint: dict[str, str] | None
+    policy_sha256: str
+    signer_keyid: str | None
+    data_sha256: str
+    config: dict[str, Any]
+    mode: str  # "full" or "lora"
+    frozen_tensor_digests: dict[str, tuple[str, str]]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> RunProvenance:
+        """Parse a record an untrusted derivative carries; ValueError says what is wrong."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError("provenance is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise ValueError("provenance is not an object")
+        for name, types in _PROVENANCE_FIELDS.items():
+            if name not in raw:
+                raise ValueError(f"provenance has no {name}")
+            if not isinstance(raw[name], types):
+                raise ValueError(f"provenance field {name} has the wrong type")
+        unknown = sorted(set(raw) - set(_PROVENANCE_FIELDS))
+        if unknown:
+            raise ValueError(f"provenance has an unknown field {unknown[0]}")
+        digests = raw["frozen_tensor_digests"]
+        if not all(isinstance(v, list) and len(v) == 2 for v in digests.values()):
+            raise ValueError("provenance lists frozen-tensor digests that are not (dtype, digest)")
+        return cls(**{**raw, "frozen_tensor_digests": {k: tuple(v) for k, v in digests.items()}})

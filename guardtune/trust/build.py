@@ -1,0 +1,122 @@
+"""Freeze masks: reading what publishers produce and turning it into a signed policy.
+
+A mask names the UNet tensors to freeze. Three formats are read: a text file with one tensor
+name per line, a JSON list of names, and the 0/1 CSV over `unet.parameters()` order that the
+FreezeAsGuard reference code writes (one value per parameter tensor). Names may be fully
+qualified (`unet.conv_in.weight`) or bare UNet names (`conv_in.weight`). `policy sign` and
+`publish` call `build_policy` and `sign_policy_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from guardtune import __version__, atomic
+from guardtune.errors import PolicyError
+from guardtune.models import ModelSource
+from guardtune.trust.fingerprint import fingerprint_records, model_tensors
+from guardtune.trust.policy import SCHEMA_VERSION, FreezePolicy, FrozenShare, Provenance, utc_now
+from guardtune.trust.signing import PrivateKey, sign_payload
+
+_CSV_TOKEN = re.compile(r"[\s,;]+")
+
+
+def unet_parameter_order(source: ModelSource) -> list[str]:
+    """UNet parameter names in `unet.parameters()` order, from the config alone (meta device)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config_dir = source.config_dir if source.kind == "single_file" else source.path
+    assert config_dir is not None
+    config = UNet2DConditionModel.load_config(config_dir, subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return [f"unet.{name}" for name, _ in unet.named_parameters()]
+
+
+def read_mask(path: Path, source: ModelSource) -> list[str]:
+    """Tensor names (fully qualified) from a mask file in any of the three formats."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolicyError(f"cannot read mask {path} ({error})") from error
+    stripped = text.strip()
+    if not stripped:
+        raise PolicyError(f"mask {path} is empty")
+    if stripped.startswith("["):
+        try:
+            names = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise PolicyError(f"mask {path} is not a valid JSON list ({error.msg})") from error
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise PolicyError(f"mask {path} must be a JSON list of tensor names")
+        return [_qualify(n) for n in names]
+    tokens = [t for t in _CSV_TOKEN.split(stripped) if t]
+    if all(_is_bit(t) for t in tokens):
+        order = unet_parameter_order(source)
+        if len(tokens) != len(order):
+            raise PolicyError(
+                f"mask {path} has {len(tokens)} values but the UNet has {len(order)} parameter "
+                "tensors; a 0/1 mask needs one value per tensor in unet.parameters() order"
+            )
+        return [name for name, bit in zip(order, tokens, strict=True) if float(bit) >= 0.5]
+    lines = [line.strip() for line in text.splitlines()]
+    return [_qualify(line) for line in lines if line and not line.startswith("#")]
+
+
+def _is_bit(token: str) -> bool:
+    return token in {"0", "1", "0.0", "1.0"}
+
+
+def _qualify(name: str) -> str:
+    name = name.strip()
+    return name if name.split(".", 1)[0] in ("unet", "text_encoder", "vae") else f"unet.{name}"
+
+
+def build_policy(
+    source: ModelSource,
+    frozen_names: Iterable[str],
+    provenance: Provenance,
+    expires_at: str | None = None,
+) -> FreezePolicy:
+    """An unsigned policy: the frozen list bound to the model's fingerprint (unknown: exit 4)."""
+    records = model_tensors(source)
+    frozen = sorted(set(frozen_names))
+    if not frozen:
+        raise PolicyError("the mask freezes no tensor")
+    unet = {r.name: r for r in records["unet"]}
+    unknown = [n for n in frozen if n not in unet]
+    if unknown:
+        raise PolicyError(
+            f"mask names {unknown[0]}, which is not a UNet tensor of this model "
+            f"({len(unknown)} unknown names)"
+        )
+    numel = {name: r.numel for name, r in unet.items()}
+    frozen_parameters = sum(numel[n] for n in frozen)
+    total_parameters = sum(numel.values())
+    return FreezePolicy(
+        schema_version=SCHEMA_VERSION,
+        model={name: fingerprint_records(part) for name, part in records.items()},
+        frozen_tensors=tuple(frozen),
+        frozen_share=FrozenShare(
+            parameters=round(frozen_parameters / total_parameters, 6),
+            tensors=round(len(frozen) / len(unet), 6),
+        ),
+        provenance=Provenance(
+            provenance.method,
+            provenance.hyperparameters,
+            provenance.datasets,
+            provenance.tool_version or f"guardtune {__version__}",
+        ),
+        created_at=utc_now(),
+        expires_at=expires_at,
+    )
+
+
+def sign_policy_file(policy: FreezePolicy, keys: list[PrivateKey], out: Path) -> Path:
+    envelope = sign_payload(policy.to_json(), keys)
+    atomic.write_bytes(out, envelope.to_json())
+    return out

@@ -1,0 +1,244 @@
+"""The freeze policy: the signed value a publisher ships beside a model.
+
+`FreezePolicy` says which tensors must stay frozen (fully qualified names such as
+`unet.down_blocks.0.attentions.0.proj_in.weight`), binds them to the exact weights through the
+model fingerprint, and records how it was made. It is a frozen dataclass with canonical JSON
+(sorted keys, fixed separators: identical inputs give identical bytes) and a strict parser: an
+unknown, missing or mistyped field is a PolicyError (exit 4). The JSON Schema in
+`policies/schema/` describes the same format for other tools.
+
+Signing (`guardtune.trust.signing`) wraps the canonical bytes in a DSSE envelope; this module knows
+nothing of keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from guardtune.errors import PolicyError
+from guardtune.trust.fingerprint import ALGORITHM, ComponentFingerprint, root_digest
+
+SCHEMA_VERSION = 1
+PAYLOAD_TYPE = "application/vnd.guardtune.freeze-policy+json"
+
+
+@dataclass(frozen=True)
+class FrozenShare:
+    """How much of the UNet the policy freezes, by parameter count and by tensor count."""
+
+    parameters: float
+    tensors: float
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How the policy was made: method, its hyperparameters, data digests, tool version."""
+
+    method: str
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, str] = field(default_factory=dict)  # role -> sha256 of the data set
+    tool_version: str = ""
+
+
+@dataclass(frozen=True)
+class FreezePolicy:
+    schema_version: int
+    model: dict[str, ComponentFingerprint]  # component -> fingerprint
+    frozen_tensors: tuple[str, ...]
+    frozen_share: FrozenShare
+    provenance: Provenance
+    created_at: str  # UTC, ISO 8601 with a trailing Z
+    expires_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": {
+                name: {"algorithm": c.algorithm, "root": c.root, "tensors": dict(c.tensors)}
+                for name, c in self.model.items()
+            },
+            "frozen_tensors": list(self.frozen_tensors),
+            "frozen_share": {
+                "parameters": self.frozen_share.parameters,
+                "tensors": self.frozen_share.tensors,
+            },
+            "provenance": {
+                "method": self.provenance.method,
+                "hyperparameters": self.provenance.hyperparameters,
+                "datasets": self.provenance.datasets,
+                "tool_version": self.provenance.tool_version,
+            },
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+        }
+
+    def to_json(self) -> bytes:
+        """Canonical bytes: sorted keys, no insignificant whitespace, UTF-8."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> FreezePolicy:
+        return policy_from_dict(strict_json_loads(data, "policy"))
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        if self.expires_at is None:
+            return False
+        return (now or datetime.now(timezone.utc)) >= parse_time(self.expires_at, "expires_at")
+
+    @property
+    def frozen_components(self) -> tuple[str, ...]:
+        return tuple(sorted({name.split(".", 1)[0] for name in self.frozen_tensors}))
+
+
+# ----------------------------------------------------------------------------- strict parsing
+
+
+def strict_json_loads(data: bytes | str, what: str) -> Any:
+    """json.loads that rejects duplicate keys and non-standard constants (NaN, Infinity)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise PolicyError(f"{what} has duplicate field '{duplicates[0]}'")
+        return dict(pairs)
+
+    def no_constants(name: str) -> Any:
+        raise PolicyError(f"{what} contains {name}, which is not valid JSON")
+
+    try:
+        return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PolicyError(f"{what} is not valid JSON ({error})") from error
+
+
+def _fields(value: Any, where: str, required: dict[str, type | tuple[type, ...]]) -> dict:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be an object")
+    unknown = sorted(set(value) - set(required))
+    if unknown:
+        raise PolicyError(f"{where} has unknown field '{unknown[0]}'")
+    missing = sorted(set(required) - set(value))
+    if missing:
+        raise PolicyError(f"{where} is missing field '{missing[0]}'")
+    for key, expected in required.items():
+        item = value[key]
+        # bool is an int in Python; a JSON true is never a valid number here.
+        if isinstance(item, bool) and bool not in _as_tuple(expected):
+            raise PolicyError(f"{where}.{key} has the wrong type (boolean)")
+        if not isinstance(item, expected):
+            raise PolicyError(f"{where}.{key} has the wrong type ({type(item).__name__})")
+    return value
+
+
+def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def _hex_digest(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+        raise PolicyError(f"{where} must be a lowercase sha256 hex digest")
+    return value
+
+
+def parse_time(value: str, where: str) -> datetime:
+    if not value.endswith("Z"):
+        raise PolicyError(f"{where} must be a UTC time ending in Z, e.g. 2026-01-31T12:00:00Z")
+    try:
+        return datetime.fromisoformat(value[:-1]).replace(tzinfo=timezone.utc)
+    except ValueError as error:
+        raise PolicyError(f"{where} is not an ISO 8601 time ({value!r})") from error
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _share(value: Any, where: str) -> float:
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise PolicyError(f"{where} must be between 0 and 1")
+    return share
+
+
+def policy_from_dict(raw: Any) -> FreezePolicy:
+    top = _fields(
+        raw,
+        "policy",
+        {
+            "schema_version": int,
+            "model": dict,
+            "frozen_tensors": list,
+            "frozen_share": dict,
+            "provenance": dict,
+            "created_at": str,
+            "expires_at": (str, type(None)),
+        },
+    )
+    if top["schema_version"] != SCHEMA_VERSION:
+        raise PolicyError(
+            f"policy schema_version {top['schema_version']} is not supported "
+            f"(this guardtune reads {SCHEMA_VERSION})",
+            hint="upgrade guardtune",
+        )
+    model: dict[str, ComponentFingerprint] = {}
+    if not top["model"]:
+        raise PolicyError("policy.model names no component")
+    for name, component in top["model"].items():
+        where = f"policy.model.{name}"
+        entry = _fields(component, where, {"algorithm": str, "root": str, "tensors": dict})
+        if entry["algorithm"] != ALGORITHM:
+            raise PolicyError(f"{where}.algorithm {entry['algorithm']!r} is not supported")
+        tensors = {}
+        for tensor_name, digest in entry["tensors"].items():
+            if not tensor_name.startswith(f"{name}."):
+                raise PolicyError(f"{where}.tensors has {tensor_name!r} outside the component")
+            tensors[tensor_name] = _hex_digest(digest, f"{where}.tensors[{tensor_name}]")
+        root = _hex_digest(entry["root"], f"{where}.root")
+        if root_digest(tensors) != root:
+            raise PolicyError(f"{where}.root does not match its tensor digests")
+        model[name] = ComponentFingerprint(entry["algorithm"], root, dict(sorted(tensors.items())))
+    frozen = top["frozen_tensors"]
+    if not all(isinstance(n, str) for n in frozen):
+        raise PolicyError("policy.frozen_tensors must be a list of tensor names")
+    if len(set(frozen)) != len(frozen):
+        raise PolicyError("policy.frozen_tensors lists a tensor twice")
+    if list(frozen) != sorted(frozen):
+        raise PolicyError("policy.frozen_tensors must be sorted")
+    known = {t for c in model.values() for t in c.tensors}
+    for tensor_name in frozen:
+        if tensor_name not in known:
+            raise PolicyError(f"policy freezes {tensor_name}, which the model fingerprint lacks")
+    share = _fields(
+        top["frozen_share"],
+        "policy.frozen_share",
+        {"parameters": (int, float), "tensors": (int, float)},
+    )
+    prov = _fields(
+        top["provenance"],
+        "policy.provenance",
+        {"method": str, "hyperparameters": dict, "datasets": dict, "tool_version": str},
+    )
+    for role, digest in prov["datasets"].items():
+        _hex_digest(digest, f"policy.provenance.datasets.{role}")
+    parse_time(top["created_at"], "policy.created_at")
+    if top["expires_at"] is not None:
+        parse_time(top["expires_at"], "policy.expires_at")
+    return FreezePolicy(
+        schema_version=top["schema_version"],
+        model=model,
+        frozen_tensors=tuple(frozen),
+        frozen_share=FrozenShare(
+            _share(share["parameters"], "policy.frozen_share.parameters"),
+            _share(share["tensors"], "policy.frozen_share.tensors"),
+        ),
+        provenance=Provenance(
+            prov["method"], prov["hyperparameters"], prov["datasets"], prov["tool_version"]
+        ),
+        created_at=top["created_at"],
+        expires_at=top["expires_at"],
+    )

@@ -1,0 +1,103 @@
+"""Verifying a signed freeze policy against trusted keys and the exact model weights.
+
+The one place where the trust chain is checked, in this order, failing closed at the first
+problem: envelope well-formed (exit 4) -> signed by a trusted key (5) -> payload a valid policy
+(4) -> not expired (4) -> model fingerprint equal to the policy's (6, naming the first tensor
+that differs). `policy verify`, `finetune` and `audit` all go through `verify_policy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from guardtune.contract import POLICY_FILE
+from guardtune.errors import ModelMismatchError, PolicyError
+from guardtune.models import ModelSource, resolve_model
+from guardtune.trust.fingerprint import ComponentFingerprint, fingerprint_model
+from guardtune.trust.keys import load_trusted
+from guardtune.trust.policy import FreezePolicy
+from guardtune.trust.signing import Envelope, verify_envelope
+
+
+@dataclass(frozen=True)
+class VerifiedPolicy:
+    """A policy whose signature, validity and model binding have all been checked."""
+
+    policy: FreezePolicy
+    policy_path: Path
+    signer_keyid: str
+    signer_key_file: Path
+    model: str
+
+
+def default_policy_path(source: ModelSource) -> Path:
+    """A model folder carries its policy beside model_index.json."""
+    if source.kind == "single_file":
+        raise PolicyError(
+            f"a single-file model ({source.path.name}) has no policy beside it",
+            hint="pass --policy",
+        )
+    return source.path / POLICY_FILE
+
+
+def read_envelope(path: Path) -> Envelope:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as error:
+        raise PolicyError(f"no freeze policy at {path}", hint="pass --policy") from error
+    except OSError as error:
+        raise PolicyError(f"cannot read policy {path} ({error.strerror})") from error
+    return Envelope.from_json(data, where=f"policy {path.name}")
+
+
+def compare_fingerprints(
+    expected: dict[str, ComponentFingerprint], actual: dict[str, ComponentFingerprint]
+) -> None:
+    """ModelMismatchError naming the first component and tensor that differ."""
+    for component, want in sorted(expected.items()):
+        have = actual.get(component)
+        if have is None:
+            raise ModelMismatchError(f"the model has no {component}, which the policy covers")
+        if have.root == want.root:
+            continue
+        missing = sorted(set(want.tensors) - set(have.tensors))
+        if missing:
+            raise ModelMismatchError(
+                f"model does not match the policy: tensor {missing[0]} is missing "
+                f"({len(missing)} missing in {component})"
+            )
+        added = sorted(set(have.tensors) - set(want.tensors))
+        if added:
+            raise ModelMismatchError(
+                f"model does not match the policy: tensor {added[0]} is not in the policy's model "
+                f"({len(added)} extra in {component})"
+            )
+        changed = sorted(n for n in want.tensors if want.tensors[n] != have.tensors[n])
+        raise ModelMismatchError(
+            f"model does not match the policy: tensor {changed[0]} digest differs "
+            f"({len(changed)} of {len(want.tensors)} tensors of {component} differ)",
+            hint="use the exact weights the policy was published for",
+        )
+
+
+def verify_policy(
+    model: str | ModelSource = "digits",
+    policy_path: Path | None = None,
+    trusted_files: Iterable[Path] = (),
+    use_trust_dirs: bool = True,
+    model_config: Path | None = None,
+    now: datetime | None = None,
+) -> VerifiedPolicy:
+    source = model if isinstance(model, ModelSource) else resolve_model(model, model_config)
+    path = Path(policy_path) if policy_path is not None else default_policy_path(source)
+    envelope = read_envelope(path)
+    signer = verify_envelope(envelope, load_trusted(trusted_files, use_trust_dirs))
+    policy = FreezePolicy.from_json(envelope.payload)
+    if policy.is_expired(now):
+        raise PolicyError(f"policy {path.name} expired at {policy.expires_at}")
+    actual = fingerprint_model(source, tuple(policy.model))  # a corrupt file is a DataError
+    compare_fingerprints(policy.model, actual)
+    return VerifiedPolicy(policy, path, signer.keyid, signer.source, source.label)
