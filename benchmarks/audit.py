@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from sd15 import write_unet
 
 from guardtune.enforce.audit import audit
-from guardtune.learn.binarize import freeze_top, random_scores
+from guardtune.evaluate.defenses import random_mask
 from guardtune.models import EMBEDDED_DIR, ModelSource
 from guardtune.trust.build import build_policy, sign_policy_file
 from guardtune.trust.policy import Provenance
@@ -57,7 +57,7 @@ def main() -> None:
         write_unet(unet_file, torch.float32, base / "unet")
         state = load_file(str(unet_file))
         numel = {name: tensor.numel() for name, tensor in state.items()}
-        frozen = freeze_top(random_scores(list(numel), 0), numel, 0.3, "parameters")
+        frozen = sorted(random_mask(numel, 0.3, 0))
         key = generate_key()
         trusted = Path(folder) / "publisher.pub"
         trusted.write_bytes(public_pem(key.public_key()))

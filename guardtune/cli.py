@@ -1,8 +1,10 @@
 """The `guardtune` command line: a thin Typer shell over the library.
 
-Each command parses its options, calls one library function, and renders the result as a Rich
-table (and as JSON with `--json FILE`). Errors from the library (GuardtuneError) become one red
-line and the error's exit code; anything else is a bug (exit 1). `--debug` shows tracebacks.
+Each command parses its options, calls one library function with them, and hands the frozen
+dataclass it returns to its `render_<command>` in `guardtune.render` (and, with `--json FILE`,
+to `jsonable`). `run_command` is the error contract: errors from the library (GuardtuneError)
+become one red line and the error's exit code; anything else is a bug (exit 1). `--debug` shows
+tracebacks. Library modules are imported inside the commands, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,14 +13,35 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from guardtune import __version__, atomic
+from guardtune.distributed import is_main_process
 from guardtune.errors import DataError, ExitCode, GuardtuneError
+from guardtune.render import (
+    console,
+    render_audit,
+    render_data_check,
+    render_data_digits,
+    render_demo,
+    render_evaluate,
+    render_finetune,
+    render_generate,
+    render_keygen,
+    render_policy_show,
+    render_policy_sign,
+    render_policy_verify,
+    render_publish,
+)
+
+if TYPE_CHECKING:
+    from guardtune.digits.dataset import ExportReport
+    from guardtune.generate import GenerateResult
+    from guardtune.publish import PublishResult
+    from guardtune.training.finetune import TrainResult
 
 app = typer.Typer(
     help="Freeze-policy guarded fine-tuning for text-to-image diffusion models.",
@@ -29,7 +52,6 @@ app = typer.Typer(
 data_app = typer.Typer(help="Export and check training data folders.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out_console = Console()
 err_console = Console(stderr=True)
 _debug = False
 
@@ -90,7 +112,7 @@ def run_command(action: Callable[[], T], json_path: Path | None, render: Callabl
 
 def _version(value: bool) -> None:
     if value:
-        out_console.print(f"guardtune {__version__}")
+        console.print(f"guardtune {__version__}")
         raise typer.Exit()
 
 
@@ -106,13 +128,27 @@ def main(
     _debug = debug
 
 
-def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+def _new_passphrase() -> bytes:
+    """A new key's passphrase: $GUARDTUNE_KEY_PASSPHRASE, or asked twice on the terminal."""
+    from guardtune.trust.signing import PASSPHRASE_ENV
+
+    text = os.environ.get(PASSPHRASE_ENV) or typer.prompt(
+        "Passphrase", hide_input=True, confirmation_prompt=True
+    )
+    return text.encode()
+
+
+def _main_process_only(render: Callable[[T], None]) -> Callable[[T | None], None]:
+    """Under `accelerate launch` every rank runs the command; only the main process reports.
+
+    The other ranks have nothing to report (`publish` returns None there: it signs on one).
+    """
+
+    def report(result: T | None) -> None:
+        if result is not None and is_main_process():
+            render(result)
+
+    return report
 
 
 # ----------------------------------------------------------------------------- data
@@ -132,20 +168,14 @@ def data_digits(
     """Export real handwritten digits (scikit-learn's) as a ready training folder."""
     from guardtune.digits.dataset import export_digits, parse_classes
 
-    def action():
+    def action() -> ExportReport:
         try:
             digits = parse_classes(classes)
         except ValueError as error:
             raise DataError(f"--classes: {error}") from error
-        return export_digits(out, digits, split, style, overwrite)
+        return export_digits(out, digits, split=split, style=style, overwrite=overwrite)
 
-    def render(report) -> None:
-        per_class = ", ".join(f"{d}: {n}" for d, n in report.per_class.items())
-        rows = [("folder", str(report.out)), ("split", report.split), ("style", report.style)]
-        rows += [("images", str(report.images)), ("per class", per_class)]
-        out_console.print(_table("Exported digits", rows))
-
-    run_command(action, json_path, render)
+    run_command(action, json_path, render_data_digits)
 
 
 @data_app.command("check")
@@ -158,29 +188,13 @@ def data_check(
     json_path: JsonOption = None,
 ) -> None:
     """Validate a data folder (every image decodes, every caption exists) and summarise it."""
-    from guardtune.data import scan_folder
+    from guardtune.data import check_folder
 
-    @dataclasses.dataclass(frozen=True)
-    class CheckReport:
-        folder: Path
-        layout: str
-        examples: int
-        unique_images: int
-        captions: tuple[str, ...]
-
-    def action() -> CheckReport:
-        scan = scan_folder(folder, caption_column, instance_prompt)
-        captions = tuple(sorted({e.caption for e in scan.examples}))
-        return CheckReport(folder, scan.layout, len(scan), scan.unique_images, captions)
-
-    def render(report: CheckReport) -> None:
-        shown = ", ".join(report.captions[:5]) + (" ..." if len(report.captions) > 5 else "")
-        rows = [("folder", str(report.folder)), ("layout", report.layout)]
-        rows += [("examples per epoch", str(report.examples))]
-        rows += [("images", str(report.unique_images)), ("captions", shown)]
-        out_console.print(_table("Data folder", rows))
-
-    run_command(action, json_path, render)
+    run_command(
+        lambda: check_folder(folder, caption_column=caption_column,
+                             instance_prompt=instance_prompt),
+        json_path, render_data_check,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- generate
@@ -206,23 +220,15 @@ def generate(
     json_path: JsonOption = None,
 ) -> None:
     """Sample images from a model and write a PNG grid."""
-    from guardtune.generate import generate_to_files, load_lora
-    from guardtune.models import load_pipeline
+    from guardtune.generate import generate as run_generate
 
-    def action():
-        pipeline = load_pipeline(model, model_config)
-        if lora is not None:
-            load_lora(pipeline, lora)
-        return generate_to_files(pipeline, prompt, out, num, steps, seed, guidance, out_dir, scale)
+    def action() -> GenerateResult:
+        return run_generate(
+            prompt, out, model=model, model_config=model_config, lora=lora, num=num,
+            steps=steps, seed=seed, guidance=guidance, out_dir=out_dir, scale=scale,
+        )  # fmt: skip
 
-    def render(result) -> None:
-        rows = [("prompt", result.prompt), ("images", str(result.num)), ("seed", str(result.seed))]
-        rows += [("grid", str(result.grid)), ("seconds", f"{result.seconds:.1f}")]
-        if result.files:
-            rows.append(("single images", str(result.files[0].parent)))
-        out_console.print(_table("Generated", rows))
-
-    run_command(action, json_path, render)
+    run_command(action, json_path, render_generate)
 
 
 # ----------------------------------------------------------------------------- keys and policies
@@ -252,33 +258,13 @@ def keygen(
     json_path: JsonOption = None,
 ) -> None:
     """Create a publisher signing key pair (the private key file is mode 0600)."""
-    from guardtune.trust.signing import PASSPHRASE_ENV, write_keypair
+    from guardtune.trust.signing import create_keypair
 
-    @dataclasses.dataclass(frozen=True)
-    class KeygenResult:
-        private_key: Path
-        public_key: Path
-        keyid: str
-        key_type: str
-        encrypted: bool
-
-    def action() -> KeygenResult:
-        secret = None
-        if passphrase:
-            text = os.environ.get(PASSPHRASE_ENV) or typer.prompt(
-                "Passphrase", hide_input=True, confirmation_prompt=True
-            )
-            secret = text.encode()
-        private, public, keyid = write_keypair(out, key_type, secret)
-        return KeygenResult(private, public, keyid, key_type, secret is not None)
-
-    def render(result: KeygenResult) -> None:
-        rows = [("private key", str(result.private_key)), ("public key", str(result.public_key))]
-        rows += [("key id", result.keyid), ("type", result.key_type)]
-        rows += [("encrypted", "yes" if result.encrypted else "no")]
-        out_console.print(_table("Key pair", rows))
-
-    run_command(action, json_path, render)
+    run_command(
+        lambda: create_keypair(out, key_type=key_type,
+                               passphrase=_new_passphrase() if passphrase else None),
+        json_path, render_keygen,
+    )  # fmt: skip
 
 
 @policy_app.command("sign")
@@ -298,45 +284,13 @@ def policy_sign(
     json_path: JsonOption = None,
 ) -> None:
     """Turn a freeze mask into a signed policy bound to the model's exact weights."""
-    from guardtune.models import resolve_model
-    from guardtune.trust.build import build_policy, read_mask, sign_policy_file
-    from guardtune.trust.policy import Provenance, parse_time
-    from guardtune.trust.signing import load_private_key
-    from guardtune.trust.verify import default_policy_path
+    from guardtune.trust.build import sign_mask
 
-    @dataclasses.dataclass(frozen=True)
-    class SignResult:
-        policy: Path
-        frozen_tensors: int
-        frozen_share_parameters: float
-        frozen_share_tensors: float
-        signers: tuple[str, ...]
-
-    def action() -> SignResult:
-        source = resolve_model(model, model_config)
-        if expires is not None:
-            parse_time(expires, "--expires")
-        keys = [load_private_key(path) for path in key]
-        names = read_mask(mask, source)
-        policy = build_policy(source, names, Provenance(method, {"mask_file": mask.name}), expires)
-        target = out or default_policy_path(source)
-        sign_policy_file(policy, keys, target)
-        from guardtune.trust.signing import key_id
-
-        signers = tuple(key_id(k.public_key()) for k in keys)
-        share = policy.frozen_share
-        return SignResult(
-            target, len(policy.frozen_tensors), share.parameters, share.tensors, signers
-        )
-
-    def render(result: SignResult) -> None:
-        rows = [("policy", str(result.policy)), ("frozen tensors", str(result.frozen_tensors))]
-        rows += [("frozen parameters", f"{result.frozen_share_parameters:.1%}")]
-        rows += [("frozen tensors share", f"{result.frozen_share_tensors:.1%}")]
-        rows += [("signed by", ", ".join(k[:16] for k in result.signers))]
-        out_console.print(_table("Signed policy", rows))
-
-    run_command(action, json_path, render)
+    run_command(
+        lambda: sign_mask(mask, key, model=model, model_config=model_config, out=out,
+                          expires_at=expires, method=method),
+        json_path, render_policy_sign,
+    )  # fmt: skip
 
 
 @policy_app.command("verify")
@@ -350,34 +304,11 @@ def policy_verify(
     """Check a policy's signature, validity and binding to the model (exit 0, 4, 5 or 6)."""
     from guardtune.trust.verify import verify_policy
 
-    @dataclasses.dataclass(frozen=True)
-    class VerifyResult:
-        policy: Path
-        model: str
-        signer_keyid: str
-        signer_key_file: Path
-        frozen_tensors: int
-        frozen_share_parameters: float
-        expires_at: str | None
-
-    def action() -> VerifyResult:
-        verified = verify_policy(model, policy, trusted or (), model_config=model_config)
-        p = verified.policy
-        return VerifyResult(
-            verified.policy_path, verified.model, verified.signer_keyid,
-            verified.signer_key_file, len(p.frozen_tensors), p.frozen_share.parameters,
-            p.expires_at,
-        )  # fmt: skip
-
-    def render(result: VerifyResult) -> None:
-        rows = [("policy", str(result.policy)), ("model", result.model)]
-        rows += [("signed by", f"{result.signer_keyid[:16]} ({result.signer_key_file})")]
-        rows += [("frozen tensors", str(result.frozen_tensors))]
-        rows += [("frozen parameters", f"{result.frozen_share_parameters:.1%}")]
-        rows += [("expires", result.expires_at or "never")]
-        out_console.print(_table("[green]Policy verified[/]", rows))
-
-    run_command(action, json_path, render)
+    run_command(
+        lambda: verify_policy(model, policy_path=policy, trusted_files=trusted or (),
+                              model_config=model_config).summary(),
+        json_path, render_policy_verify,
+    )  # fmt: skip
 
 
 @policy_app.command("show")
@@ -391,25 +322,10 @@ def policy_show(
     """Where a policy freezes: the frozen share per UNet block (signature not checked)."""
     from guardtune.trust.inspection import describe_policy
 
-    def render(report) -> None:
-        table = Table(title=f"Frozen share per UNet block: {report.policy}", title_justify="left")
-        for column in ("block", "frozen tensors", "frozen parameters", "share"):
-            table.add_column(column, justify="left" if column == "block" else "right")
-        for row in report.blocks:
-            table.add_row(
-                row.block, f"{row.frozen_tensors}/{row.tensors}",
-                f"{row.frozen_parameters:,}/{row.parameters:,}", f"{row.parameter_share:.0%}",
-            )  # fmt: skip
-        out_console.print(table)
-        out_console.print(
-            f"total: {report.frozen_share_parameters:.1%} of parameters, "
-            f"{report.frozen_share_tensors:.1%} of tensors; method {report.method}; "
-            f"signed by {', '.join(k[:16] for k in report.signer_keyids)} (not verified here)"
-        )
-        if report.plot:
-            out_console.print(f"heatmap: {report.plot}")
-
-    run_command(lambda: describe_policy(policy, model, model_config, plot), json_path, render)
+    run_command(
+        lambda: describe_policy(policy, model=model, model_config=model_config, plot=plot),
+        json_path, render_policy_show,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- publish
@@ -461,56 +377,19 @@ def publish(
         mask_lr=mask_lr, batch_size=batch_size, seed=seed,
     )  # fmt: skip
 
-    def action():
+    def action() -> PublishResult | None:
+        # Keys first: a wrong passphrase must not wait for the mask to be learned.
         keys = [load_private_key(path) for path in key]
-        result = run_publish(illegal, legal, keys, model, model_config, method, config, out,
-                             workdir=work_dir, resume=resume)  # fmt: skip
-        if result is None:  # a non-main process of `accelerate launch`: rank 0 reports
-            raise typer.Exit(0)
-        return result
+        return run_publish(
+            illegal, legal, keys, model=model, model_config=model_config, method=method,
+            config=config, out=out, workdir=work_dir, resume=resume,
+        )  # fmt: skip
 
-    def render(result) -> None:
-        rows = [("policy", str(result.policy)), ("method", result.method)]
-        rows += [("frozen tensors", str(result.frozen_tensors))]
-        rows += [("frozen parameters", f"{result.frozen_share_parameters:.1%}")]
-        rows += [("signed by", ", ".join(k[:16] for k in result.signers))]
-        rows += [("log", str(result.log)), ("curve", str(result.curve or "-"))]
-        rows += [("seconds", f"{result.seconds:.1f}")]
-        out_console.print(_table("Published policy", rows))
-
-    run_command(action, json_path, render)
+    main = is_main_process()
+    run_command(action, json_path if main else None, _main_process_only(render_publish))
 
 
 # ----------------------------------------------------------------------------- finetune
-
-
-def _mib(value: float) -> str:
-    return f"{value / 2**20:,.0f} MiB"
-
-
-def render_savings(report) -> None:
-    """The savings report: measured frozen vs unfrozen, then the analytic breakdown."""
-    table = Table(title="What freezing saved (measured, same configuration)", title_justify="left")
-    for column in ("", "frozen (this run)", "nothing frozen", "saving"):
-        table.add_column(column, justify="right" if column else "left")
-    memory = report.peak_memory_bytes
-    times = report.step_time_s
-    table.add_row("peak memory", _mib(memory["frozen"]), _mib(memory["unfrozen"]),
-                  f"{report.memory_saving:.1%}")  # fmt: skip
-    table.add_row("median step time", f"{times['frozen'] * 1000:.0f} ms",
-                  f"{times['unfrozen'] * 1000:.0f} ms", f"{report.time_saving:.1%}")  # fmt: skip
-    for name, values in report.analytic_bytes.items():
-        saved = values["unfrozen"] - values["frozen"]
-        label = f"  {name.replace('_', ' ')}"
-        saved_text = _mib(saved) if saved else ""
-        table.add_row(label, _mib(values["frozen"]), _mib(values["unfrozen"]), saved_text)
-    out_console.print(table)
-    out_console.print(
-        f"frozen: {report.frozen_tensors}/{report.total_tensors} tensors, "
-        f"{report.frozen_params:,}/{report.total_params:,} parameters; memory measured as "
-        f"{report.measurement}; growth over the loaded model saved "
-        f"{report.training_memory_saving:.1%}"
-    )
 
 
 @app.command()
@@ -562,40 +441,20 @@ def finetune(
         gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
         optimizer=optimizer, checkpoint_every=checkpoint_every,
     )  # fmt: skip
+    main = is_main_process()
 
-    # Under `accelerate launch` every rank runs this command; only rank 0 reports and writes.
-    main_rank = os.environ.get("RANK", "0") == "0"
-
-    def action():
+    def action() -> TrainResult:
         result = run_finetune(
             data, out, model=model, model_config=model_config, policy=policy,
             trusted=tuple(trusted or ()), no_policy=no_policy, config=config,
             caption_column=caption_column, instance_prompt=instance_prompt,
             class_data=class_data, class_prompt=class_prompt, resume=resume, compare=compare,
         )  # fmt: skip
-        if report is not None and result.savings is not None and main_rank:
+        if report is not None and result.savings is not None and main:
             atomic.write_json(report, jsonable(result.savings))
         return result
 
-    def render(result) -> None:
-        if not main_rank:
-            return
-        trusted_by = f"signed by {result.signer_keyid[:16]}" if result.signer_keyid else ""
-        policy_row = (
-            f"{result.policy} ({trusted_by})" if result.policy else "[yellow]none (--no-policy)[/]"
-        )
-        rows = [("output", str(result.out)), ("mode", result.mode), ("policy", policy_row)]
-        resumed = f" (resumed at {result.resumed_from})" if result.resumed_from else ""
-        rows += [("steps", f"{result.steps}{resumed}")]
-        rows += [("final loss", f"{result.final_loss:.4f}")]
-        share = f"{result.freeze.frozen_share:.1%} of UNet parameters"
-        rows += [("frozen", f"{result.freeze.frozen_tensors} tensors, {share}")]
-        rows += [("processes", str(result.processes)), ("seconds", f"{result.seconds:.1f}")]
-        out_console.print(_table("Fine-tuned", rows))
-        if result.savings is not None:
-            render_savings(result.savings)
-
-    run_command(action, json_path if main_rank else None, render)
+    run_command(action, json_path if main else None, _main_process_only(render_finetune))
 
 
 # ----------------------------------------------------------------------------- audit
@@ -620,31 +479,11 @@ def audit(
     """Prove a derivative left every frozen tensor untouched (exit 0), or list what broke (7)."""
     from guardtune.enforce.audit import audit as run_audit
 
-    def render(report) -> None:
-        verdict = "[green]compliant[/]" if report.compliant else "[bold red]NOT compliant[/]"
-        rows = [("derivative", f"{report.derivative} ({report.kind}, {report.naming} naming)")]
-        rows += [("base", report.base), ("policy", str(report.policy))]
-        rows += [("signed by", report.signer_keyid[:16])]
-        rows += [("frozen tensors", str(report.frozen_tensors))]
-        rows += [(name, str(count)) for name, count in sorted(report.counts.items())]
-        check = report.provenance
-        state = "absent" if not check.present else "consistent" if check.consistent else "FORGED"
-        rows += [("provenance", f"{state} ({check.where})" if check.present else state)]
-        rows += [("mode", "strict" if report.strict else "default (casts allowed)")]
-        rows += [("seconds", f"{report.seconds:.2f}")]
-        out_console.print(_table(f"Audit: {verdict}", rows))
-        if report.violations:
-            table = Table(title="Violations", title_justify="left")
-            for column in ("tensor", "problem", "detail", "derivative key"):
-                table.add_column(column, overflow="fold")
-            for finding in report.violations:
-                table.add_row(finding.tensor, finding.problem, finding.detail, finding.key or "")
-            out_console.print(table)
-
     report = run_command(
-        lambda: run_audit(derivative, base, policy, tuple(trusted or ()),
-                          model_config=model_config, strict=strict),
-        json_path, render,
+        lambda: run_audit(derivative, base=base, policy_path=policy,
+                          trusted_files=tuple(trusted or ()), model_config=model_config,
+                          strict=strict),
+        json_path, render_audit,
     )  # fmt: skip
     if not report.compliant:
         first, more = report.violations[0], len(report.violations) - 1
@@ -657,12 +496,6 @@ def audit(
 
 
 # ----------------------------------------------------------------------------- evaluate
-
-
-def _spread(mean: float, spread: float, percent: bool = False) -> str:
-    if percent:
-        return f"{mean:.0%} ± {spread / 2:.0%}"
-    return f"{mean:.3f} ± {spread / 2:.3f}"
 
 
 @app.command()
@@ -724,51 +557,11 @@ def evaluate(
         persguard=PersGuardConfig(steps=defense_steps),
     )  # fmt: skip
 
-    def render(result) -> None:
-        final = result.final()
-        scored = result.scorer != "loss"
-        title = f"After {max(result.steps)} user fine-tune steps, {result.seeds} seed(s)"
-        table = Table(title=f"{title}: mean ± half spread", title_justify="left")
-        table.add_column("method")
-        table.add_column("frozen", justify="right")
-        for task, kind in result.tasks.items():
-            metric = final[[r.task for r in final].index(task)].metric
-            better = "lower" if kind == "illegal" and scored else "higher"
-            if not scored:
-                better = "higher" if kind == "illegal" else "lower"
-            table.add_column(f"{kind}: {task}\n{metric} ({better} better)", justify="right")
-            table.add_column("mitigation" if kind == "illegal" else "legal impact",
-                             justify="right")  # fmt: skip
-        for method in dict.fromkeys(r.method for r in final):
-            cells = [method, f"{result.frozen_share.get(method, 0):.1%}"]
-            for task in result.tasks:
-                row = next(r for r in final if r.method == method and r.task == task)
-                cells += [_spread(row.mean, row.spread), f"{row.versus_full:+.0%}"]
-            table.add_row(*cells)
-        out_console.print(table)
-        curve = Table(title="Illegal tasks over the user's fine-tune", title_justify="left")
-        curve.add_column("method")
-        illegal_tasks = [t for t, k in result.tasks.items() if k == "illegal"]
-        for task in illegal_tasks:
-            for step in result.steps:
-                curve.add_column(f"{task} @{step}", justify="right")
-        for method in dict.fromkeys(r.method for r in result.summary):
-            cells = [method]
-            for task in illegal_tasks:
-                for step in result.steps:
-                    row = next(r for r in result.summary
-                               if (r.method, r.task, r.step) == (method, task, step))  # fmt: skip
-                    cells.append(_spread(row.mean, row.spread))
-            curve.add_row(*cells)
-        out_console.print(curve)
-        plotted = f"plot: {result.plot}   " if result.plot else ""
-        reused = f" ({result.reused} runs from it)" if result.reused else ""
-        out_console.print(f"{plotted}journal: {result.journal}{reused}   {result.seconds:.0f} s")
-
     run_command(
-        lambda: run_evaluate(illegal, legal, model, model_config, policy, tuple(trusted or ()),
-                             config, plot, workdir=work_dir),
-        json_path, render,
+        lambda: run_evaluate(illegal, legal, model=model, model_config=model_config,
+                             policy=policy, trusted=tuple(trusted or ()), config=config,
+                             plot=plot, workdir=work_dir),
+        json_path, render_evaluate,
     )  # fmt: skip
 
 
@@ -785,36 +578,10 @@ def demo(
     """The main job on the embedded default: sample, fine-tune under the policy, compare."""
     from guardtune.digits.demo import run_demo
 
-    def score_table(title: str, rows) -> Table:
-        table = Table(title=title, title_justify="left")
-        table.add_column("digit")
-        table.add_column("prompt")
-        table.add_column("seen in pretraining")
-        table.add_column("recognised", justify="right")
-        for row in rows:
-            seen = "yes" if row.pretrained else "[yellow]no[/]"
-            table.add_row(str(row.digit), row.prompt, seen, f"{row.recognised:.2f}")
-        return table
-
-    def render(report) -> None:
-        out_console.print(
-            score_table("What the embedded model draws (digit classifier)", report.rows)
-        )
-        out_console.print(f"grid: {report.grid}   data: {', '.join(map(str, report.data))}")
-        if report.finetune is not None:
-            result = report.finetune
-            out_console.print(
-                f"\nFine-tuned on {report.data[0]} for {result.steps} steps under "
-                f"{result.policy} (signed by {result.signer_keyid[:16]}): "
-                f"{result.freeze.frozen_tensors} tensors, {result.freeze.frozen_share:.1%} of UNet "
-                f"parameters frozen and bit-identical"
-            )
-            if result.savings is not None:
-                render_savings(result.savings)
-            out_console.print(score_table("After fine-tuning", report.after))
-            out_console.print(f"grid: {report.after_grid}")
-
-    run_command(lambda: run_demo(out, samples, finetune_steps=steps), json_path, render)
+    run_command(
+        lambda: run_demo(out, samples_per_digit=samples, finetune_steps=steps),
+        json_path, render_demo,
+    )  # fmt: skip
 
 
 def entry() -> None:

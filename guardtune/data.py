@@ -11,7 +11,8 @@ Four layouts are recognised, in this order (the first that applies wins):
 
 `scan_folder` validates everything up front (every image decodes and has a usable mode, every
 caption exists) and raises DataError naming the offending file, so a run never starts on bad
-data. `ImageCaptionDataset` turns the scan into tensors for the training recipes.
+data. `ImageCaptionDataset` turns the scan into tensors for the training recipes;
+`check_folder` is `guardtune data check`: the same scan, summarised.
 """
 
 from __future__ import annotations
@@ -161,6 +162,26 @@ def scan_folder(
     for image_path in sorted({e.image_path for e in examples}):
         check_image(image_path)
     return FolderScan(root, layout, tuple(examples))
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """What `guardtune data check` reports: the layout found and what an epoch holds."""
+
+    folder: Path
+    layout: str
+    examples: int  # per epoch, kohya repeats included
+    unique_images: int
+    captions: tuple[str, ...]  # distinct, sorted
+
+
+def check_folder(
+    folder: Path, *, caption_column: str = "text", instance_prompt: str | None = None
+) -> FolderCheck:
+    """Validate a data folder as a run would (DataError naming the bad file) and summarise it."""
+    scan = scan_folder(folder, caption_column, instance_prompt)
+    captions = tuple(sorted({e.caption for e in scan.examples}))
+    return FolderCheck(scan.root, scan.layout, len(scan), scan.unique_images, captions)
 
 
 def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:

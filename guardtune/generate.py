@@ -147,3 +147,26 @@ def generate_to_files(
             save_png(image, files[-1])
     seconds = time.perf_counter() - start
     return GenerateResult(prompt, num, steps, seed, guidance, out, tuple(files), seconds)
+
+
+def generate(
+    prompt: str,
+    out: Path,
+    *,
+    model: str = "digits",
+    model_config: Path | None = None,
+    lora: Path | None = None,
+    num: int = 8,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    guidance: float = DEFAULT_GUIDANCE,
+    out_dir: Path | None = None,
+    scale: int = 1,
+) -> GenerateResult:
+    """`guardtune generate`: load the model (and a LoRA file), sample, write the PNGs."""
+    from guardtune.models import load_pipeline
+
+    pipeline = load_pipeline(model, model_config)
+    if lora is not None:
+        load_lora(pipeline, lora)
+    return generate_to_files(pipeline, prompt, out, num, steps, seed, guidance, out_dir, scale)

@@ -22,16 +22,17 @@ import torch
 
 from guardtune import atomic
 from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
+from guardtune.distributed import is_main_process
 from guardtune.errors import DataError
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
 from guardtune.models import load_pipeline, resolve_model
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
-from guardtune.trust.build import build_policy, sign_policy_file
+from guardtune.trust.build import sign_policy
 from guardtune.trust.fingerprint import fingerprint_model
 from guardtune.trust.policy import Provenance
-from guardtune.trust.signing import PrivateKey, key_id
+from guardtune.trust.signing import PrivateKey
 from guardtune.trust.verify import default_policy_path
 
 METHODS = ("freezeasguard", "random")
@@ -142,19 +143,17 @@ def publish(
                 hint="pass --resume to continue it, or --work-dir for a fresh one",
             )
         total = config.relearn_steps + config.rounds
-        enabled = show_progress and accelerator.is_main_process
+        enabled = show_progress and is_main_process()
         with track("learn mask", total, accelerator.device, enabled=enabled) as report:
             learned = learn_mask(unet, scheduler, illegal_data, legal_data, config, report,
                                  workdir, resume, data_key)  # fmt: skip
         frozen, history = learned.frozen, learned.history
-    if not accelerator.is_main_process:
+    if not is_main_process():
         return None  # the main process signs and writes
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items()}
     datasets = {"illegal": data_digest(illegal_scan), "legal": data_digest(legal_scan)}
-    policy = build_policy(
-        source, [f"unet.{n}" for n in frozen], Provenance(method, hyperparameters, datasets)
-    )
-    sign_policy_file(policy, keys, target)
+    provenance = Provenance(method, hyperparameters, datasets)
+    signed = sign_policy(source, [f"unet.{n}" for n in frozen], provenance, keys, target)
     log = target.with_name(target.stem + ".log.json")
     atomic.write_json(log, {"policy_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
                             "method": method, "config": hyperparameters, "frozen": frozen,
@@ -165,10 +164,9 @@ def publish(
     if history:
         curve = target.with_name(target.stem + ".curve.png")
         _plot_curve(history, curve)
-    share = policy.frozen_share
     return PublishResult(
-        policy=target, method=method, frozen_tensors=len(frozen),
-        frozen_share_parameters=share.parameters, frozen_share_tensors=share.tensors,
-        signers=tuple(key_id(k.public_key()) for k in keys), log=log, curve=curve,
-        seconds=time.perf_counter() - start,
+        policy=signed.policy, method=method, frozen_tensors=signed.frozen_tensors,
+        frozen_share_parameters=signed.frozen_share_parameters,
+        frozen_share_tensors=signed.frozen_share_tensors, signers=signed.signers, log=log,
+        curve=curve, seconds=time.perf_counter() - start,
     )  # fmt: skip

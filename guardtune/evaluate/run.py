@@ -1,9 +1,10 @@
 """The evaluation recipe: every method, the same simulated user, curves over the user's steps.
 
 load model (and verify its policy) -> split each task folder into training and held-out images
--> for each method: build its defence -> for each seed and task: the user's fine-tune, scored
-at every checkpoint (held-out loss; samples through the scorer) -> summary against full
-fine-tuning -> JSON-able result and a PNG plot.
+(tasks.py) -> open the journal of finished runs (journal.py) -> for each method: build its
+defence -> for each seed and task not journalled yet: the user's fine-tune, scored at every
+checkpoint (held-out loss; samples through the scorer) -> summary against full fine-tuning ->
+JSON-able result and a PNG plot.
 
 Headline numbers, per checkpoint, as mean and spread (max - min) over seeds:
 - illegal tasks: recognisability of the samples (lower is better); mitigation = 1 - method /
@@ -18,17 +19,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from guardtune import atomic
-from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.errors import DataError
 from guardtune.evaluate.attack import AttackConfig, user_finetune
 from guardtune.evaluate.defenses import (
@@ -39,13 +39,15 @@ from guardtune.evaluate.defenses import (
     random_mask,
 )
 from guardtune.evaluate.imma import ImmaConfig, immunize
+from guardtune.evaluate.journal import Journal, Measurement, Run, RunKey, digest
 from guardtune.evaluate.metrics import Scorer, held_out_losses, make_scorer
 from guardtune.evaluate.persguard import PersGuardConfig, implant
+from guardtune.evaluate.tasks import Task, load_tasks
 from guardtune.evaluate.uce import uce_edit
 from guardtune.generate import sample_images
-from guardtune.models import load_pipeline, resolve_model
-from guardtune.training.encode import EncodedData, data_digest
-from guardtune.training.progress import track
+from guardtune.models import ModelSource, load_pipeline, resolve_model
+from guardtune.training.encode import EncodedData
+from guardtune.training.progress import StepReporter, track
 
 
 @dataclass(frozen=True)
@@ -63,31 +65,6 @@ class EvaluateConfig:
     inference_steps: int = 25
     guidance: float = 5.0
     held_out_every: int = 5  # every 5th example is held out for scoring
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    kind: str  # "illegal" or "legal"
-    train: EncodedData = field(repr=False)
-    held_out: EncodedData = field(repr=False)
-    reference: torch.Tensor = field(repr=False)  # held-out real images in [0, 1]
-    digest: str = ""  # of the folder's images and captions
-
-    @property
-    def prompts(self) -> list[str]:
-        """The held-out captions, each once: what samples are drawn and scored with."""
-        return self.held_out.captions
-
-
-@dataclass(frozen=True)
-class Measurement:
-    method: str
-    seed: int
-    task: str
-    kind: str
-    step: int
-    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -123,34 +100,6 @@ class EvaluationResult:
 
     def final(self) -> list[SummaryRow]:
         return [row for row in self.summary if row.step == max(self.steps)]
-
-
-def _split(scan: FolderScan, every: int) -> tuple[FolderScan, FolderScan]:
-    examples = list(scan.examples)
-    held = [e for i, e in enumerate(examples) if i % every == every - 1]
-    kept = [e for i, e in enumerate(examples) if i % every != every - 1]
-    if not held or not kept:
-        raise DataError(f"{scan.root} needs at least {every} images to hold some out for scoring")
-    return (
-        FolderScan(scan.root, scan.layout, tuple(kept)),
-        FolderScan(scan.root, scan.layout, tuple(held)),
-    )
-
-
-def _task(pipeline, folder: Path, kind: str, every: int, resolution: int) -> Task:
-    scan = scan_folder(folder)
-    train_scan, held_scan = _split(scan, every)
-    device = pipeline.unet.device
-    held_images = ImageCaptionDataset(held_scan, resolution)
-    reference = (torch.stack(held_images.pixels) + 1) / 2
-    return Task(
-        name=Path(folder).name,
-        kind=kind,
-        train=EncodedData(pipeline, ImageCaptionDataset(train_scan, resolution), device),
-        held_out=EncodedData(pipeline, held_images, device),
-        reference=reference,
-        digest=data_digest(scan),
-    )
 
 
 def headline(kind: str, scored: bool) -> str:
@@ -196,6 +145,7 @@ def _settings(config, checkpoints, scorer, model_root, tasks) -> dict:
     methods_own = {"methods", "ratio", "imma", "persguard", "uce_guide"}
     chosen = {k: v for k, v in dataclasses.asdict(config).items() if k not in methods_own}
     # The code that produces the numbers is part of them: a fixed baseline starts a new journal.
+    # Every module of this package counts (tasks, journal, defences, attack, metrics, ...).
     code = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         code.update(path.read_bytes())
@@ -227,10 +177,6 @@ def method_settings(method: str, config: EvaluateConfig, share: float, policy: s
     if method == "uce":
         return {"guide": config.uce_guide}
     return {}
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def defense_for(
@@ -287,36 +233,14 @@ def evaluate(
 ) -> EvaluationResult:
     """Run the plan; see the module docstring."""
     started = time.perf_counter()
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown or not config.methods:
-        raise DataError(
-            f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from "
-            f"{', '.join(METHODS)}"
-        )
-    if not illegal or not legal:
-        raise DataError("evaluate needs at least one --illegal and one --legal data folder")
-    if not config.steps or min(config.steps) < 1 or config.seeds < 1 or config.samples < 1:
-        raise DataError("--steps must be positive, --seeds and --samples at least 1")
-    if config.ratio is not None and not 0 < config.ratio < 1:
-        raise DataError("--ratio must be in (0, 1)")
+    _check(illegal, legal, config)
     source = resolve_model(model, model_config)
     scorer_spec = config.scorer
     if scorer_spec == "auto":
         scorer_spec = "digits" if source.kind == "embedded" else "loss"
     scorer: Scorer | None = make_scorer(scorer_spec)
-    policy_frozen, policy_label = None, None
-    if "freezeasguard" in config.methods:
-        from guardtune.enforce.freeze import frozen_unet_names
-        from guardtune.trust.verify import verify_policy
+    policy_frozen, policy_label, model_root = _verify(source, policy, trusted, config.methods)
 
-        verified = verify_policy(source, policy, trusted)  # fails closed, as finetune does
-        policy_frozen = frozenset(frozen_unet_names(verified.policy))
-        policy_label = str(verified.policy_path)
-        model_root = verified.policy.model["unet"].root  # verification just matched it
-    else:
-        from guardtune.trust.fingerprint import fingerprint_model
-
-        model_root = fingerprint_model(source, ("unet",))["unet"].root
     from diffusers import DDPMScheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -324,82 +248,48 @@ def evaluate(
     pipeline.vae.requires_grad_(False)
     pipeline.text_encoder.requires_grad_(False)
     unet = pipeline.unet
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     resolution = unet.config.sample_size * pipeline.vae_scale_factor
-    tasks = [_task(pipeline, f, "illegal", config.held_out_every, resolution) for f in illegal]
-    tasks += [_task(pipeline, f, "legal", config.held_out_every, resolution) for f in legal]
-    if len({t.name for t in tasks}) < len(tasks):
-        raise DataError("task folders need distinct names (they label the results)")
-    all_prompts = sorted({p for t in tasks for p in t.prompts})
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    tasks = load_tasks(pipeline, illegal, legal, config.held_out_every, resolution)
     numel = {n: p.numel() for n, p in unet.named_parameters()}
     share = config.ratio
     if share is None:
         share = sum(numel[n] for n in policy_frozen) / sum(numel.values()) if policy_frozen else 0.3
-
     checkpoints = sorted(set(config.steps))
-    # Every finished (method, seed, task) run is journalled at once. The journal's name is the
-    # digest of what decides every run's numbers; within it each run is filed under its
-    # method's own settings. A rerun of a killed (or finished) evaluation picks up its runs, a
-    # wider one reuses those it shares, and a changed one starts its own.
-    settings = _settings(config, checkpoints, scorer_spec, model_root, tasks)
-    journal = (workdir or Path("runs") / "evaluate") / f"journal-{_digest(settings)[:16]}.json"
-    variant = {m: _digest(method_settings(m, config, share, policy_label)) for m in config.methods}
-    journalled = json.loads(journal.read_text()).get("runs", []) if journal.is_file() else []
-    finished = {(r["method"], r["variant"], r["seed"], r["task"]): r for r in journalled}
+    setup = _Setup(
+        pipeline=pipeline,
+        scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        base={k: v.detach().clone() for k, v in unet.state_dict().items()},
+        numel=numel,
+        share=share,
+        policy_frozen=policy_frozen,
+        tasks=tasks,
+        all_prompts=sorted({p for t in tasks for p in t.prompts}),
+        scorer=scorer,
+        checkpoints=checkpoints,
+        config=config,
+    )
 
-    def done(method: str, seed: int, task: str) -> dict | None:
-        return finished.get((method, variant[method], seed, task))
-
-    def save() -> None:
-        atomic.write_json(journal, {"settings": settings, "runs": list(finished.values())})
-
-    plan = [(m, s, t.name) for m in config.methods for s in range(config.seeds) for t in tasks]
-    reused = sum(done(*run) is not None for run in plan)
-    pending = {m for m, s, t in plan if done(m, s, t) is None}
+    journal = Journal(
+        workdir or Path("runs") / "evaluate",
+        _settings(config, checkpoints, scorer_spec, model_root, tasks),
+    )
+    variants = {m: digest(method_settings(m, config, share, policy_label)) for m in config.methods}
+    plan = [RunKey(m, variants[m], s, t.name)
+            for m in config.methods for s in range(config.seeds) for t in tasks]  # fmt: skip
+    reused = journal.reused(plan)
+    pending = {key.method for key in plan if journal.get(key) is None}
     total = (len(plan) - reused) * max(checkpoints) + config.imma.steps * ("imma" in pending)
     total += config.persguard.steps * ("persguard" in pending)
     with track("evaluate", total, device, enabled=show_progress) as report:
         for method in config.methods:
-            defense = None
-            for seed in range(config.seeds):
-                todo = [t for t in tasks if done(method, seed, t.name) is None]
-                if not todo:
-                    continue
-                if defense is None or method in SEEDED:
-                    unet.load_state_dict(base)
-                    defense = defense_for(method, seed, pipeline, scheduler, numel, share,
-                                          policy_frozen, tasks, config, report)  # fmt: skip
-                start = {**base, **(defense.weights or {})}
-                for task in todo:
-                    found: list[Measurement] = []
+            _run_method(method, variants[method], setup, journal, report)
+    runs = journal.finished(plan)
+    unet.load_state_dict(setup.base)
 
-                    def at_checkpoint(
-                        step: int, task=task, seed=seed, method=method, found=found
-                    ) -> None:
-                        metrics = _measure(
-                            pipeline, scheduler, task, scorer, all_prompts, config,
-                            seed * 7919 + step,
-                        )  # fmt: skip
-                        found.append(Measurement(method, seed, task.name, task.kind, step, metrics))
-
-                    user_finetune(
-                        unet, scheduler, start, defense.frozen, task.train, checkpoints,
-                        at_checkpoint, seed, config.attack, report,
-                    )  # fmt: skip
-                    # A run is journalled whole, or not at all.
-                    finished[method, variant[method], seed, task.name] = {
-                        "method": method, "variant": variant[method], "seed": seed,
-                        "task": task.name, "frozen_share": defense.frozen_share(numel),
-                        "measurements": [dataclasses.asdict(m) for m in found],
-                    }  # fmt: skip
-                    save()
-    runs = [finished[m, variant[m], s, t] for m, s, t in plan]  # every one is finished now
-    measurements = [Measurement(**m) for run in runs for m in run["measurements"]]
-    unet.load_state_dict(base)
+    measurements = [m for run in runs for m in run.measurements]
     by_method: dict[str, list[float]] = {}
     for run in runs:
-        by_method.setdefault(run["method"], []).append(run["frozen_share"])
+        by_method.setdefault(run.method, []).append(run.frozen_share)
     frozen_share = {m: float(np.mean(v)) for m, v in by_method.items()}
     summary = summarise(measurements, config.methods, tasks, checkpoints, scorer is not None)
     result = EvaluationResult(
@@ -414,7 +304,7 @@ def evaluate(
         measurements=tuple(measurements),
         summary=tuple(summary),
         plot=None,
-        journal=journal,
+        journal=journal.path,
         reused=reused,
         seconds=time.perf_counter() - started,
     )
@@ -422,6 +312,109 @@ def evaluate(
         plot_result(result, plot)
         result = EvaluationResult(**{**result.__dict__, "plot": plot})
     return result
+
+
+def _check(illegal: list[Path], legal: list[Path], config: EvaluateConfig) -> None:
+    """Refuse a request that cannot run, before anything is loaded."""
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown or not config.methods:
+        raise DataError(
+            f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from "
+            f"{', '.join(METHODS)}"
+        )
+    if not illegal or not legal:
+        raise DataError("evaluate needs at least one --illegal and one --legal data folder")
+    if not config.steps or min(config.steps) < 1 or config.seeds < 1 or config.samples < 1:
+        raise DataError("--steps must be positive, --seeds and --samples at least 1")
+    if config.ratio is not None and not 0 < config.ratio < 1:
+        raise DataError("--ratio must be in (0, 1)")
+
+
+def _verify(
+    source: ModelSource, policy: Path | None, trusted: tuple[Path, ...], methods: tuple[str, ...]
+) -> tuple[frozenset[str] | None, str | None, str]:
+    """What the policy freezes, its path, and the root digest of the UNet (the journal's key).
+
+    Only an evaluation of freezeasguard verifies a policy (and fails closed, as finetune does);
+    the others get None for the first two.
+    """
+    if "freezeasguard" not in methods:
+        from guardtune.trust.fingerprint import fingerprint_model
+
+        return None, None, fingerprint_model(source, ("unet",))["unet"].root
+    from guardtune.enforce.freeze import frozen_unet_names
+    from guardtune.trust.verify import verify_policy
+
+    verified = verify_policy(source, policy, trusted)
+    frozen = frozenset(frozen_unet_names(verified.policy))
+    # Verification just matched the model's UNet against the one the policy records.
+    return frozen, str(verified.policy_path), verified.policy.model["unet"].root
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The loaded model and what every run of one evaluation shares."""
+
+    pipeline: Any
+    scheduler: Any
+    base: dict[str, torch.Tensor]  # the published UNet's weights, where every defence starts
+    numel: dict[str, int]
+    share: float  # the frozen-parameter share of the freezing baselines
+    policy_frozen: frozenset[str] | None
+    tasks: list[Task]
+    all_prompts: list[str]  # of every task: the scorer ranks samples against all of them
+    scorer: Scorer | None
+    checkpoints: list[int]
+    config: EvaluateConfig
+
+
+def _run_method(
+    method: str, variant: str, setup: _Setup, journal: Journal, report: StepReporter
+) -> None:
+    """Every run of `method` that is not journalled yet: its defence, then the user's fine-tune.
+
+    A defence is built from the published weights at the first seed with runs to do, and again
+    at every later seed only if the method draws its mask from the seed (SEEDED); the others do
+    not depend on it. Each run is journalled as soon as it finishes, and whole.
+    """
+    unet = setup.pipeline.unet
+    defense = None
+    for seed in range(setup.config.seeds):
+        todo = [task for task in setup.tasks
+                if journal.get(RunKey(method, variant, seed, task.name)) is None]  # fmt: skip
+        if not todo:
+            continue
+        if defense is None or method in SEEDED:
+            unet.load_state_dict(setup.base)  # from the published weights, not the last user's
+            defense = defense_for(method, seed, setup.pipeline, setup.scheduler, setup.numel,
+                                  setup.share, setup.policy_frozen, setup.tasks, setup.config,
+                                  report)  # fmt: skip
+        start = {**setup.base, **(defense.weights or {})}
+        for task in todo:
+            measurements = _user_run(setup, defense, start, task, seed, report)
+            frozen_share = defense.frozen_share(setup.numel)
+            journal.record(Run(method, variant, seed, task.name, frozen_share, measurements))
+
+
+def _user_run(
+    setup: _Setup,
+    defense: Defense,
+    start: dict[str, torch.Tensor],
+    task: Task,
+    seed: int,
+    report: StepReporter,
+) -> tuple[Measurement, ...]:
+    """The user's fine-tune of `task` from the weights `start`, measured at every checkpoint."""
+    found: list[Measurement] = []
+
+    def at_checkpoint(step: int) -> None:
+        metrics = _measure(setup.pipeline, setup.scheduler, task, setup.scorer, setup.all_prompts,
+                           setup.config, seed * 7919 + step)  # fmt: skip
+        found.append(Measurement(defense.method, seed, task.name, task.kind, step, metrics))
+
+    user_finetune(setup.pipeline.unet, setup.scheduler, start, defense.frozen, task.train,
+                  setup.checkpoints, at_checkpoint, seed, setup.config.attack, report)  # fmt: skip
+    return tuple(found)
 
 
 def summarise(

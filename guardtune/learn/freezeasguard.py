@@ -5,13 +5,17 @@ trains is theta(m) = m * theta_pre + (1 - m) * theta_ft = theta_ft + m * theta_d
 UNet's own parameters, and theta_d = theta_pre - theta_ft is the only other copy of the weights
 in memory (Sec. 3.3: two copies instead of three).
 
-- Relearn: theta_ft is theta_pre fine-tuned on illegal + legal data (what the authors' code does
-  before learning the mask). theta_ft and theta_d are written to the work folder once.
-- Lower level (Eq. 7, 9, 10): the simulated user's steps on L_illegal + L_legal. The user trains
-  theta_ft; since theta_ft = theta_pre - theta_d, we hand theta_d to a fused Adam with gradient
-  -(1 - m) * g, and move theta(m) by (1 - m) times the change of theta_d, in place.
-- Upper level (Eq. 5, 6, 8): L_upper = -lambda1 * L_illegal + lambda2 * L_legal. Its gradient for
-  w_i is <dL/dtheta(m)_i, theta_d,i> * m_i (1 - m_i) / T, plus the sparsity term.
+`learn_mask` runs these steps, each a function of its own:
+- Relearn (`_relearn`): theta_ft is theta_pre fine-tuned on illegal + legal data (what the
+  authors' code does before learning the mask). theta_ft and theta_d are written to the work
+  folder once (`_Store`).
+- Lower level (Eq. 7, 9, 10; `_user_steps`): the simulated user's steps on L_illegal + L_legal,
+  from theta_ft again at every restart (`_restart_user`). The user trains theta_ft; since
+  theta_ft = theta_pre - theta_d, we hand theta_d to a fused Adam with gradient -(1 - m) * g,
+  and move theta(m) by (1 - m) times the change of theta_d, in place.
+- Upper level (Eq. 5, 6, 8; `_mask_update`): L_upper = -lambda1 * L_illegal + lambda2 *
+  L_legal. Its gradient for w_i is <dL/dtheta(m)_i, theta_d,i> * m_i (1 - m_i) / T, plus the
+  sparsity term.
 - Cost: both levels do their per-tensor work inside the backward, as each large tensor's
   gradient lands (`_InBackward`); small tensors go together afterwards with foreach ops (one
   multiply, one concatenation, one segment sum for all their inner products). One mask-update
@@ -30,11 +34,12 @@ against a user at the start of an attack rather than one that has trained for th
 random start hid the signal). lambda1 = lambda2 = 1 because both halves of every batch have the
 same size, which is the balance Sec. 3.1 asks for.
 
-Resumable: every user restart is a checkpoint (mask logits, RMS state and history in
-`state.json`; theta_ft and theta_d in `relearned.safetensors`), and everything random in round
-r is seeded by r, so a resumed run computes the same rounds as an uninterrupted one. Under
-torch.distributed (e.g. `accelerate launch`) each rank draws its own batches and the user's
-gradients and the mask gradients are averaged across ranks, so every rank holds the same mask.
+Resumable (`_resume`): every user restart is a checkpoint (`_Checkpoint`: mask logits, RMS
+state and history in `state.json`; theta_ft and theta_d in `relearned.safetensors`), and
+everything random in round r is seeded by r, so a resumed run computes the same rounds as an
+uninterrupted one. Under torch.distributed (e.g. `accelerate launch`) each rank draws its own
+batches and the user's gradients and the mask gradients are averaged across ranks, so every
+rank holds the same mask.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -354,6 +360,55 @@ class _Store:
                 p.add_(d, alpha=m)
 
 
+@dataclass(frozen=True)
+class _Bilevel:
+    """What both levels' steps are computed on, and how this process shares them with others."""
+
+    unet: Any
+    scheduler: Any
+    illegal: Any  # EncodedData
+    legal: Any
+    config: LearnerConfig
+    numel: torch.Tensor  # float64: each tensor's size
+    weight: torch.Tensor  # float64: each tensor's weight in share(m), by `config.share_by`
+    world: int
+    seed_base: int  # ranks draw different batches
+
+    def losses(self, seed: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The illegal and the legal half's loss on batches drawn with `seed`."""
+        return _paired_losses(self.unet, self.scheduler, self.illegal, self.legal,
+                              self.config.batch_size, seed, shared)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """`state.json`: the upper level's state at a user restart, and what it was learned under."""
+
+    fingerprint: str  # of the config, the tensors and the data (_fingerprint)
+    round: int  # the first round still to compute
+    logits: torch.Tensor  # w, float64
+    mean_square: float  # the running mean of squared inner products, whose RMS divides them
+    history: tuple[RoundLog, ...]
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, {
+            "fingerprint": self.fingerprint, "round": self.round, "logits": self.logits.tolist(),
+            "mean_square": self.mean_square,
+            "history": [dataclasses.asdict(h) for h in self.history],
+        })  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> _Checkpoint:
+        state = json.loads(path.read_text())
+        return cls(
+            fingerprint=state["fingerprint"],
+            round=state["round"],
+            logits=torch.tensor(state["logits"], dtype=torch.float64),
+            mean_square=state["mean_square"],
+            history=tuple(RoundLog(**h) for h in state["history"]),
+        )
+
+
 def learn_mask(
     unet,
     scheduler,
@@ -371,6 +426,9 @@ def learn_mask(
     progress callback; `workdir` holds checkpoints (a temporary folder if None); with `resume`,
     a matching checkpoint there is continued. The UNet's parameters are left holding theta(m)
     of the final round.
+
+    relearn (or resume) -> for each round: restart the user every `user_reset_every` rounds ->
+    the user's steps (lower level) -> the mask update (upper level) -> the binarised mask.
     """
     import tempfile
 
@@ -390,65 +448,25 @@ def learn_mask(
         if config.share_by == "parameters"
         else torch.full_like(numel, 1 / len(params))
     )
+    problem = _Bilevel(unet, scheduler, illegal, legal, config, numel, weight, world,
+                       seed_base=config.seed * 7919 + rank * 104_729)  # fmt: skip
     store = _Store(workdir)
     state_path = workdir / "state.json"
     key = _fingerprint(config, names, data_key)
-    seed_base = config.seed * 7919 + rank * 104_729  # ranks draw different batches
-    history: list[RoundLog] = []
-    start = 0
-    generator = torch.Generator().manual_seed(config.seed)
-    # Start near m = 0, theta(m) ~ theta_ft. Sec. 3.3 draws random negative w; we start them
-    # equal by default, because a random start is a ranking that 150 mask steps do not undo:
-    # with a spread of 0.2 the learned 30% mask protected no better than random freezing, with
-    # none it did (embedded scenario, p = 0.3).
-    spread = torch.rand(len(params), generator=generator, dtype=torch.float64)
-    logits = -1.0 - config.init_spread * spread
-    mean_square = 0.0
 
     theta_d: list[torch.Tensor] | None = None
-    state = json.loads(state_path.read_text()) if resume and state_path.is_file() else None
-    if state is not None:
-        if state["fingerprint"] != key:
-            raise DataError(
-                f"the checkpoint in {workdir} was made with other settings, data or model",
-                hint="drop --resume or use another --work-dir",
-            )
-        start, mean_square = state["round"], state["mean_square"]
-        logits = torch.tensor(state["logits"], dtype=torch.float64)
-        history = [RoundLog(**h) for h in state["history"]]
-        if not store.path.is_file() and start < config.rounds:
-            raise DataError(f"{store.path} is missing; cannot resume", hint="drop --resume")
+    checkpoint = _resume(state_path, key, store, config) if resume else None
+    if checkpoint is not None:
         if report:
-            report(advance=config.relearn_steps + start)
+            report(advance=config.relearn_steps + checkpoint.round)
     else:
-        # Relearn: theta_ft, the model fine-tuned on illegal + legal data. theta_pre waits on
-        # disk meanwhile, so relearning holds no more memory than a plain fine-tune.
-        pretrained = workdir / "pretrained.safetensors"
-        if rank == 0:
-            _write_tensors(pretrained, _named("", names, params))
-        relearn = torch.optim.AdamW(params, lr=config.relearn_lr, weight_decay=0.0, fused=True)
-        for step in range(config.relearn_steps):
-            seed = seed_base + step
-            illegal_loss, legal_loss = _paired_losses(unet, scheduler, illegal, legal,
-                                                      config.batch_size, seed, False)  # fmt: skip
-            relearn.zero_grad(set_to_none=True)
-            (illegal_loss + legal_loss).backward()
-            _average([p.grad for p in params], world)
-            relearn.step()
-            if report:
-                report(relearn_loss=(illegal_loss + legal_loss).item())
-        del relearn
-        for p in params:
-            p.grad = None
-        if rank == 0:
-            theta_d = [torch.empty_like(p) for p in params]
-            _read_into(pretrained, _named("", names, theta_d))
-            with torch.no_grad():
-                torch._foreach_sub_(theta_d, [p.detach() for p in params])  # theta_pre - theta_ft
-            store.save(names, params, theta_d)
-            _save_state(state_path, key, 0, logits, mean_square, history)
-            pretrained.unlink()
+        theta_d = _relearn(problem, names, params, store, rank, report)
+        checkpoint = _Checkpoint(key, 0, _initial_logits(config, len(params)), 0.0, ())
+        if rank == 0:  # after the store: a checkpoint always has the weights it refers to
+            checkpoint.save(state_path)
     _barrier(world)
+    start, logits, mean_square = checkpoint.round, checkpoint.logits, checkpoint.mean_square
+    history = list(checkpoint.history)
 
     if theta_d is None:  # filled from the store at the first restart
         theta_d = [torch.empty_like(p) for p in params]
@@ -462,45 +480,18 @@ def learn_mask(
         for round_index in range(start, config.rounds):
             if round_index % config.user_reset_every == 0 or round_index == start:
                 if round_index > start and rank == 0:
-                    _save_state(state_path, key, round_index, logits, mean_square, history)
-                store.restart(names, params, theta_d, mask.tolist())
+                    checkpoint = _Checkpoint(key, round_index, logits, mean_square, tuple(history))
+                    checkpoint.save(state_path)
+                _restart_user(store, names, steps, mask, config.user_lr)
                 applied = mask
-                steps.restart_user(config.user_lr)
-            # Lower level: the simulated user fine-tunes theta_ft through the mask.
-            for user_step in range(config.user_steps):
-                seed = 1_000_000 + seed_base + 2 * (round_index * config.user_steps + user_step)
-                illegal_loss, legal_loss = _paired_losses(
-                    unet, scheduler, illegal, legal, config.batch_size, seed, False
-                )
-                steps.user_step(illegal_loss + legal_loss, mask, applied)
-                applied = mask
-            _follow(params, theta_d, applied, mask)  # only if there were no user steps
-            applied = mask
-            # Upper level: the same timesteps and noise for both halves.
-            seed = 1_000_001 + seed_base + 2 * round_index * config.user_steps
-            illegal_loss, legal_loss = _paired_losses(
-                unet, scheduler, illegal, legal, config.batch_size, seed, True
-            )
-            inner = steps.inner_products(-illegal_loss + legal_loss).double()
-            with torch.no_grad():
-                losses = torch.stack([illegal_loss.detach(), legal_loss.detach()]).double()
-                _average([inner, losses], world)
-                inner /= numel  # <dL/dtheta(m)_i, theta_d,i> / size
-                mean_square = 0.9 * mean_square + 0.1 * float(inner.pow(2).mean())
-                rms = math.sqrt(mean_square / (1 - 0.9 ** (round_index + 1))) + 1e-30
-                share = float((mask * weight).sum())
-                gradient = (
-                    (inner / rms + config.sparsity_weight * (share - config.ratio))
-                    * mask
-                    * (1 - mask)
-                    / config.temperature
-                )
-                logits = logits - config.mask_lr * gradient
-                mask = torch.sigmoid(logits / config.temperature)
-            history.append(RoundLog(round_index, float(losses[0]), float(losses[1]), share))
+            _user_steps(problem, steps, round_index, mask, applied)
+            applied = mask  # the user's steps moved theta(m) on to `mask`
+            logits, mean_square, log = _mask_update(problem, steps, round_index, logits, mask,
+                                                    mean_square)  # fmt: skip
+            mask = torch.sigmoid(logits / config.temperature)
+            history.append(log)
             if report:
-                report(illegal=history[-1].illegal_loss, legal=history[-1].legal_loss,
-                       share=share)  # fmt: skip
+                report(illegal=log.illegal_loss, legal=log.legal_loss, share=log.mask_share)
         _follow(params, theta_d, applied, mask)  # the UNet ends holding theta(m) of the last mask
     finally:
         steps.remove()  # the UNet leaves without guardtune's hooks
@@ -510,11 +501,136 @@ def learn_mask(
         if not torch.equal(reference.cpu(), logits):
             raise RuntimeError(f"rank {rank}'s mask differs from rank 0's")
     if rank == 0:
-        _save_state(state_path, key, config.rounds, logits, mean_square, history)
+        _Checkpoint(key, config.rounds, logits, mean_square, tuple(history)).save(state_path)
     scores = dict(zip(names, logits.tolist(), strict=True))
     sizes = dict(zip(names, [int(n) for n in numel.tolist()], strict=True))
     frozen = freeze_top(scores, sizes, config.ratio, config.share_by)
     return LearnedMask(frozen, scores, history)
+
+
+def _initial_logits(config: LearnerConfig, count: int) -> torch.Tensor:
+    """w at round 0, near m = 0 so that theta(m) ~ theta_ft.
+
+    Sec. 3.3 draws random negative w; we start them equal by default, because a random start is
+    a ranking that 150 mask steps do not undo: with a spread of 0.2 the learned 30% mask
+    protected no better than random freezing, with none it did (embedded scenario, p = 0.3).
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    spread = torch.rand(count, generator=generator, dtype=torch.float64)
+    return -1.0 - config.init_spread * spread
+
+
+def _resume(state_path: Path, key: str, store: _Store, config: LearnerConfig) -> _Checkpoint | None:
+    """The checkpoint in the work folder, if there is one; refused if made under other settings."""
+    if not state_path.is_file():
+        return None
+    checkpoint = _Checkpoint.load(state_path)
+    if checkpoint.fingerprint != key:
+        raise DataError(
+            f"the checkpoint in {state_path.parent} was made with other settings, data or model",
+            hint="drop --resume or use another --work-dir",
+        )
+    if not store.path.is_file() and checkpoint.round < config.rounds:
+        raise DataError(f"{store.path} is missing; cannot resume", hint="drop --resume")
+    return checkpoint
+
+
+def _relearn(
+    problem: _Bilevel,
+    names: list[str],
+    params,
+    store: _Store,
+    rank: int,
+    report: Callable[..., None] | None,
+) -> list[torch.Tensor] | None:
+    """theta_ft: the UNet's theta_pre fine-tuned on illegal + legal data, left in the UNet.
+
+    Rank 0 writes theta_ft and theta_d = theta_pre - theta_ft to the store and returns theta_d;
+    the other ranks return None and read theta_d from the store at the first user restart.
+    theta_pre waits on disk meanwhile, so relearning holds no more memory than a plain
+    fine-tune.
+    """
+    config = problem.config
+    pretrained = store.path.with_name("pretrained.safetensors")
+    if rank == 0:
+        _write_tensors(pretrained, _named("", names, params))
+    relearn = torch.optim.AdamW(params, lr=config.relearn_lr, weight_decay=0.0, fused=True)
+    for step in range(config.relearn_steps):
+        illegal_loss, legal_loss = problem.losses(problem.seed_base + step, shared=False)
+        relearn.zero_grad(set_to_none=True)
+        (illegal_loss + legal_loss).backward()
+        _average([p.grad for p in params], problem.world)
+        relearn.step()
+        if report:
+            report(relearn_loss=(illegal_loss + legal_loss).item())
+    del relearn  # Adam's state goes before theta_d takes its place
+    for p in params:
+        p.grad = None
+    if rank != 0:
+        return None
+    theta_d = [torch.empty_like(p) for p in params]
+    _read_into(pretrained, _named("", names, theta_d))
+    with torch.no_grad():
+        torch._foreach_sub_(theta_d, [p.detach() for p in params])  # theta_pre - theta_ft
+    store.save(names, params, theta_d)
+    pretrained.unlink()
+    return theta_d
+
+
+def _restart_user(store: _Store, names: list[str], steps: _InBackward, mask, lr: float) -> None:
+    """A fresh simulated user at theta_ft: theta(m) and theta_d from the store, a new Adam."""
+    store.restart(names, steps.params, steps.theta_d, mask.tolist())
+    steps.restart_user(lr)
+
+
+def _user_steps(problem: _Bilevel, steps: _InBackward, round_index: int, mask, applied) -> None:
+    """Lower level (Eq. 7, 9, 10): the simulated user fine-tunes theta_ft through the mask.
+
+    The UNet arrives holding theta(m) for the mask `applied` and leaves holding it for `mask`.
+    """
+    config = problem.config
+    for user_step in range(config.user_steps):
+        seed = 1_000_000 + problem.seed_base + 2 * (round_index * config.user_steps + user_step)
+        illegal_loss, legal_loss = problem.losses(seed, shared=False)
+        steps.user_step(illegal_loss + legal_loss, mask, applied)
+        applied = mask
+    _follow(steps.params, steps.theta_d, applied, mask)  # only if there were no user steps
+
+
+def _mask_update(
+    problem: _Bilevel,
+    steps: _InBackward,
+    round_index: int,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    mean_square: float,
+) -> tuple[torch.Tensor, float, RoundLog]:
+    """Upper level (Eq. 5, 6, 8): one gradient step on the logits; new logits and RMS state.
+
+    The gradient for w_i is <dL_upper/dtheta(m)_i, theta_d,i>, divided by the tensor's size and
+    by the running RMS of those over rounds, plus the sparsity pull c * (share(m) - p), both
+    times dm_i/dw_i = m_i (1 - m_i) / T.
+    """
+    config = problem.config
+    # The same timesteps and noise for both halves.
+    seed = 1_000_001 + problem.seed_base + 2 * round_index * config.user_steps
+    illegal_loss, legal_loss = problem.losses(seed, shared=True)
+    inner = steps.inner_products(-illegal_loss + legal_loss).double()
+    with torch.no_grad():
+        losses = torch.stack([illegal_loss.detach(), legal_loss.detach()]).double()
+        _average([inner, losses], problem.world)
+        inner /= problem.numel  # <dL/dtheta(m)_i, theta_d,i> / size
+        mean_square = 0.9 * mean_square + 0.1 * float(inner.pow(2).mean())
+        rms = math.sqrt(mean_square / (1 - 0.9 ** (round_index + 1))) + 1e-30
+        share = float((mask * problem.weight).sum())
+        gradient = (
+            (inner / rms + config.sparsity_weight * (share - config.ratio))
+            * mask
+            * (1 - mask)
+            / config.temperature
+        )
+        logits = logits - config.mask_lr * gradient
+    return logits, mean_square, RoundLog(round_index, float(losses[0]), float(losses[1]), share)
 
 
 def _follow(params, theta_d, applied: torch.Tensor, mask: torch.Tensor) -> None:
@@ -529,10 +645,3 @@ def _follow(params, theta_d, applied: torch.Tensor, mask: torch.Tensor) -> None:
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
-
-
-def _save_state(path: Path, key: str, round_index: int, logits, mean_square: float, history):
-    atomic.write_json(path, {
-        "fingerprint": key, "round": round_index, "logits": logits.tolist(),
-        "mean_square": mean_square, "history": [dataclasses.asdict(h) for h in history],
-    })  # fmt: skip

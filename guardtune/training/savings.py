@@ -1,11 +1,11 @@
 """Measuring what freezing saves: isolated probes of the same training step, frozen and not.
 
-Each probe is a fresh Python process (`python -m guardtune.training.savings`) that loads the model,
-freezes the given tensors (or none), and runs a few optimizer steps of the configured batch on
-synthetic latents; it reports its peak memory and median step time as JSON. Separate processes
-make the peaks comparable: on CPU the process's peak RSS, on GPU the CUDA allocator's peak
-allocated and reserved bytes. The analytic breakdown says where the difference comes from:
-frozen tensors need no gradient and no optimizer state.
+Each probe is a fresh Python process (`python -m guardtune.training.savings`) that loads the
+model, freezes the given tensors (or none), and runs a few optimizer steps (`steps` in the spec,
+11 by default) of the configured batch on synthetic latents; it reports its peak memory and
+median step time as JSON. Separate processes make the peaks comparable: on CPU the process's
+peak RSS, on GPU the CUDA allocator's peak allocated and reserved bytes. The analytic breakdown
+says where the difference comes from: frozen tensors need no gradient and no optimizer state.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class SavingsReport:
     analytic_bytes: dict[str, dict[str, int]]  # component -> frozen / unfrozen
 
 
-def _optimizer_bytes_per_param(optimizer: str) -> int:
+def optimizer_bytes_per_param(optimizer: str) -> int:
+    """Optimizer state each trainable parameter costs, in bytes."""
     return 2 if optimizer == "adamw8bit" else 8  # two fp32 moments, or two 8-bit ones
 
 
@@ -71,7 +72,7 @@ def measure_savings(spec: dict[str, Any], frozen: list[str], summary) -> Savings
     frozen_probe = run_probe(spec | {"frozen": frozen})
     unfrozen_probe = run_probe(spec | {"frozen": []})
     weights = 4 * summary.total_params
-    per_param = _optimizer_bytes_per_param(spec["optimizer"])
+    per_param = optimizer_bytes_per_param(spec["optimizer"])
     analytic: dict[str, dict[str, int]] = {
         "unet_weights": {"frozen": weights, "unfrozen": weights},
         "gradients": {
@@ -152,7 +153,7 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
     loaded = torch.cuda.memory_allocated() if cuda else current_rss_bytes()
     times = []
     with RssSampler() as sampler:
-        for _ in range(PROBE_STEPS):
+        for _ in range(spec.get("steps", PROBE_STEPS)):
             began = time.perf_counter()
             for _ in range(config.grad_accum):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -3,23 +3,34 @@
 A mask names the UNet tensors to freeze. Three formats are read: a text file with one tensor
 name per line, a JSON list of names, and the 0/1 CSV over `unet.parameters()` order that the
 FreezeAsGuard reference code writes (one value per parameter tensor). Names may be fully
-qualified (`unet.conv_in.weight`) or bare UNet names (`conv_in.weight`). `policy sign` and
-`publish` call `build_policy` and `sign_policy_file`.
+qualified (`unet.conv_in.weight`) or bare UNet names (`conv_in.weight`).
+
+`sign_policy` is the one way a frozen list becomes a signed policy file: `publish` calls it with
+the mask it learned, and `sign_mask` (what `policy sign` runs) with a mask file's names.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from guardtune import __version__, atomic
 from guardtune.errors import PolicyError
-from guardtune.models import ModelSource
+from guardtune.models import ModelSource, resolve_model
 from guardtune.trust.fingerprint import fingerprint_records, model_tensors
-from guardtune.trust.policy import SCHEMA_VERSION, FreezePolicy, FrozenShare, Provenance, utc_now
-from guardtune.trust.signing import PrivateKey, sign_payload
+from guardtune.trust.policy import (
+    SCHEMA_VERSION,
+    FreezePolicy,
+    FrozenShare,
+    Provenance,
+    parse_time,
+    utc_now,
+)
+from guardtune.trust.signing import PrivateKey, key_id, load_private_key, sign_payload
+from guardtune.trust.verify import default_policy_path
 
 _CSV_TOKEN = re.compile(r"[\s,;]+")
 
@@ -120,3 +131,54 @@ def sign_policy_file(policy: FreezePolicy, keys: list[PrivateKey], out: Path) ->
     envelope = sign_payload(policy.to_json(), keys)
     atomic.write_bytes(out, envelope.to_json())
     return out
+
+
+@dataclass(frozen=True)
+class SignedPolicy:
+    """A policy signed and written: where, how much of the UNet it freezes, and who signed it."""
+
+    policy: Path
+    frozen_tensors: int
+    frozen_share_parameters: float
+    frozen_share_tensors: float
+    signers: tuple[str, ...]  # key ids, in signing order
+
+
+def sign_policy(
+    source: ModelSource,
+    frozen_names: Iterable[str],
+    provenance: Provenance,
+    keys: list[PrivateKey],
+    out: Path,
+    expires_at: str | None = None,
+) -> SignedPolicy:
+    """Bind `frozen_names` to the model's fingerprint, sign with every key, write to `out`."""
+    policy = build_policy(source, frozen_names, provenance, expires_at)
+    sign_policy_file(policy, keys, out)
+    share = policy.frozen_share
+    signers = tuple(key_id(k.public_key()) for k in keys)
+    return SignedPolicy(out, len(policy.frozen_tensors), share.parameters, share.tensors, signers)
+
+
+def sign_mask(
+    mask: Path,
+    key_files: Sequence[Path],
+    *,
+    model: str = "digits",
+    model_config: Path | None = None,
+    out: Path | None = None,
+    expires_at: str | None = None,
+    method: str = "manual",
+) -> SignedPolicy:
+    """`guardtune policy sign`: a mask file signed as the policy of `model`.
+
+    Written to `out`, by default beside the model's model_index.json. The cheap checks (the
+    model, the expiry, the keys and their passphrases) come before fingerprinting the model.
+    """
+    source = resolve_model(model, model_config)
+    if expires_at is not None:
+        parse_time(expires_at, "--expires")
+    keys = [load_private_key(path) for path in key_files]
+    target = out or default_policy_path(source)
+    provenance = Provenance(method, {"mask_file": mask.name})
+    return sign_policy(source, read_mask(mask, source), provenance, keys, target, expires_at)

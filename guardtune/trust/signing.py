@@ -91,6 +91,25 @@ def write_keypair(
     return private_path, public_path, key_id(key.public_key())
 
 
+@dataclass(frozen=True)
+class KeygenResult:
+    """A publisher key pair written by `guardtune keygen`."""
+
+    private_key: Path
+    public_key: Path
+    keyid: str
+    key_type: str
+    encrypted: bool
+
+
+def create_keypair(
+    prefix: Path, *, key_type: str = "ed25519", passphrase: bytes | None = None
+) -> KeygenResult:
+    """`write_keypair`, reported: the files, the key id, and whether the private key is sealed."""
+    private_path, public_path, keyid = write_keypair(prefix, key_type, passphrase)
+    return KeygenResult(private_path, public_path, keyid, key_type, bool(passphrase))
+
+
 def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
     try:
         data = path.read_bytes()

@@ -32,6 +32,26 @@ class VerifiedPolicy:
     signer_key_file: Path
     model: str
 
+    def summary(self) -> VerificationSummary:
+        return VerificationSummary(
+            self.policy_path, self.model, self.signer_keyid, self.signer_key_file,
+            len(self.policy.frozen_tensors), self.policy.frozen_share.parameters,
+            self.policy.expires_at,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VerificationSummary:
+    """What `guardtune policy verify` reports: the checked policy, its signer and its reach."""
+
+    policy: Path
+    model: str
+    signer_keyid: str
+    signer_key_file: Path
+    frozen_tensors: int
+    frozen_share_parameters: float
+    expires_at: str | None
+
 
 def default_policy_path(source: ModelSource) -> Path:
     """A model folder carries its policy beside model_index.json."""

@@ -8,9 +8,13 @@ import torch
 from guardtune.errors import DataError
 from guardtune.learn.freezeasguard import (
     LearnerConfig,
+    RoundLog,
     _average,
+    _Checkpoint,
     _FlatDot,
     _InBackward,
+    _resume,
+    _Store,
     learn_mask,
 )
 
@@ -99,6 +103,34 @@ def test_average_takes_the_mean_across_two_processes(tmp_path):
         first, second = torch.load(f"{out}.{rank}")
         assert torch.equal(first, torch.full((3,), 0.5))
         assert torch.equal(second, torch.full((2, 70), 5.0))
+
+
+def _checkpoint(round_index: int, fingerprint: str = "key") -> _Checkpoint:
+    logits = -1.0 - torch.rand(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    history = tuple(RoundLog(r, 0.1 + r / 3, 0.2 + r / 7, 0.3) for r in range(round_index))
+    return _Checkpoint(fingerprint, round_index, logits, 1 / 3, history)
+
+
+def test_a_checkpoint_reads_back_exactly(tmp_path):
+    written = _checkpoint(2)
+    written.save(tmp_path / "state.json")
+    read = _Checkpoint.load(tmp_path / "state.json")
+    assert torch.equal(read.logits, written.logits) and read.logits.dtype == torch.float64
+    assert (read.fingerprint, read.round, read.mean_square, read.history) == (
+        written.fingerprint, written.round, written.mean_square, written.history
+    )  # fmt: skip
+
+
+def test_resume_needs_the_same_settings_and_the_relearned_weights(tmp_path):
+    config, store, state = LearnerConfig(rounds=5), _Store(tmp_path), tmp_path / "state.json"
+    assert _resume(state, "key", store, config) is None  # nothing to resume: start afresh
+    _checkpoint(2).save(state)
+    with pytest.raises(DataError, match="other settings"):
+        _resume(state, "another key", store, config)
+    with pytest.raises(DataError, match=r"relearned\.safetensors is missing"):
+        _resume(state, "key", store, config)
+    _checkpoint(5).save(state)  # a finished run needs no weights to return its mask
+    assert _resume(state, "key", store, config).round == 5
 
 
 @pytest.fixture(scope="module")
