@@ -28,7 +28,7 @@ from sd15 import write_unet
 
 from guardtune.enforce.audit import audit
 from guardtune.evaluate.defenses import random_mask
-from guardtune.models import EMBEDDED_DIR, ModelSource
+from guardtune.resolve import EMBEDDED_DIR, ModelSource
 from guardtune.trust.build import build_policy, sign_policy_file
 from guardtune.trust.policy import Provenance
 from guardtune.trust.signing import generate_key, public_pem

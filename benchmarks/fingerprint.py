@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 from sd15 import write_unet
 
-from guardtune.trust.fingerprint import fingerprint_records, read_header
+from guardtune.tensorfile import read_header
+from guardtune.trust.fingerprint import fingerprint_records
 
 
 def best_of(repeats: int, run) -> float:

@@ -27,7 +27,7 @@ from rich.table import Table
 from sd15 import SD15_UNET, write_unet
 
 from guardtune.evaluate.defenses import random_mask
-from guardtune.models import EMBEDDED_DIR
+from guardtune.resolve import EMBEDDED_DIR
 from guardtune.training.config import TrainConfig
 from guardtune.training.savings import PROBE_STEPS, optimizer_bytes_per_param, run_probe
 

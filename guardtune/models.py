@@ -11,71 +11,28 @@ writes). Every command that touches a model calls `load_pipeline`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from guardtune.contract import (
-    ASSETS_DIR,
-    COMPONENTS,
-    LDM_UNET_PREFIX,
-    default_device,
-    default_dtype,
-)
+from guardtune.contract import COMPONENTS, LDM_UNET_PREFIX, default_device, default_dtype
 from guardtune.errors import DataError
-
-EMBEDDED = "digits"
-EMBEDDED_DIR = ASSETS_DIR / "digits"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: `kind` is 'embedded', 'folder' or 'single_file'."""
-
-    kind: str
-    path: Path
-    config_dir: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return EMBEDDED if self.kind == "embedded" else str(self.path)
-
-
-def resolve_model(model: str, config_dir: Path | None = None) -> ModelSource:
-    """Turn a `--model` string into a checked ModelSource; DataError if it cannot be one."""
-    if model == EMBEDDED:
-        if not (EMBEDDED_DIR / "model_index.json").is_file():
-            raise DataError(
-                "the embedded model's weights are missing from the package",
-                hint="reinstall guardtune or run `make embedded`",
-            )
-        return ModelSource("embedded", EMBEDDED_DIR)
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"model {model!r} not found",
-            hint="give 'digits', a diffusers folder, or a .safetensors file with --model-config",
-        )
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise DataError(
-                f"{path} is not a diffusers pipeline folder: it has no model_index.json",
-                hint="point --model at the folder that save_pretrained wrote",
-            )
-        return ModelSource("folder", path)
-    if path.suffix != ".safetensors":
-        raise DataError(f"{path} is not a .safetensors checkpoint", hint="convert it first")
-    if config_dir is None:
-        raise DataError(
-            f"the single-file checkpoint {path.name} needs its component configs",
-            hint="pass --model-config with a diffusers folder of the same architecture",
-        )
-    if not (config_dir / "model_index.json").is_file():
-        raise DataError(f"--model-config {config_dir} has no model_index.json")
-    return ModelSource("single_file", path, config_dir)
+from guardtune.resolve import (
+    EMBEDDED,
+    ComponentManifest,
+    ModelSource,
+    resolve_folder,
+    resolve_model,
+)
+from guardtune.trust.fingerprint import (
+    ALGORITHM,
+    ComponentFingerprint,
+    compare_fingerprints,
+    read_and_hash,
+    root_digest,
+)
 
 
 def checkpoint_keys(path: Path) -> list[str]:
@@ -91,8 +48,15 @@ def load_pipeline(
     config_dir: Path | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    expected: dict[str, ComponentFingerprint] | None = None,
 ):  # -> StableDiffusionPipeline (diffusers is imported lazily: it costs ~10 s)
-    """Load a Stable-Diffusion-style pipeline fully offline, ready on `device` in `dtype`."""
+    """Load a Stable-Diffusion-style pipeline fully offline, ready on `device` in `dtype`.
+
+    A folder is loaded from its manifest (`guardtune.resolve`): each tensor is copied out of
+    its file and hashed as it is, and with `expected` (a verified policy's fingerprint) the
+    pipeline is handed out only if those digests match, so the weights that were verified are
+    the weights that load.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -111,7 +75,7 @@ def load_pipeline(
     )
     try:
         if source.kind in ("embedded", "folder"):
-            pipeline = StableDiffusionPipeline.from_pretrained(source.path, **options)
+            pipeline = load_folder(source, dtype, expected)
         elif any(k.startswith(LDM_UNET_PREFIX) for k in checkpoint_keys(source.path)):
             pipeline = StableDiffusionPipeline.from_single_file(
                 str(source.path), config=str(source.config_dir), **options
@@ -126,6 +90,80 @@ def load_pipeline(
         raise DataError(f"cannot load model {source.label}: {message}") from error
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def load_folder(source: ModelSource, dtype: torch.dtype, expected=None):
+    """A pipeline built from exactly the bytes its manifest names, hashed as they are read."""
+    import diffusers
+
+    manifest = resolve_folder(source.path)
+    parts = manifest.components
+    modules, fingerprints = {}, {}
+    for name in ("unet", "vae", "text_encoder"):
+        modules[name], fingerprints[name] = _build_model(parts[name], source.path / name, dtype)
+    if expected is not None:
+        compare_fingerprints(expected, fingerprints)
+    scheduler = parts["scheduler"]
+    scheduler_class = getattr(diffusers, scheduler.class_name, None)
+    if scheduler_class is None:
+        raise DataError(f"{source.label}: unknown scheduler class {scheduler.class_name}")
+    return diffusers.StableDiffusionPipeline(
+        **modules,
+        tokenizer=_tokenizer(source.path / "tokenizer"),
+        scheduler=scheduler_class.from_config(scheduler.config("scheduler_config.json")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_model(part: ComponentManifest, folder: Path, dtype: torch.dtype):
+    """The component's module, its weights assigned from the copies `read_and_hash` made."""
+    from accelerate import init_empty_weights
+
+    library = __import__(part.library)
+    model_class = getattr(library, part.class_name)
+    config = part.config("config.json")
+    # Parameters start on the meta device (no memory, no random init); buffers are real.
+    with init_empty_weights():
+        if part.library == "diffusers":
+            module = model_class.from_config(config)
+        else:
+            module = model_class(model_class.config_class.from_dict(config))
+    tensors, digests = read_and_hash(part.tensors)
+    fingerprint = ComponentFingerprint(
+        ALGORITHM, root_digest(digests), dict(sorted(digests.items()))
+    )
+    prefix = f"{part.name}."
+    state = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
+    expected = module.state_dict().keys()
+    # transformers saved CLIP text models under `text_model.` before 5.0, and `position_ids`
+    # as a buffer; today's classes load either spelling, as transformers itself does.
+    if not any(k.startswith("text_model.") for k in expected):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise DataError(
+            f"the {part.name} weights do not fit its config.json: {len(missing)} missing and "
+            f"{len(unexpected)} unexpected tensors (e.g. {first})"
+        )
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    # What from_pretrained records, so a saved copy's configs say what was loaded.
+    if part.library == "diffusers":
+        module.register_to_config(_name_or_path=str(folder))
+    else:
+        module.config.dtype = dtype
+        module.config._name_or_path = str(folder)
+    return module.eval(), fingerprint
+
+
+def _tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _load_guardtune_single_file(pipeline, path: Path) -> None:

@@ -26,7 +26,8 @@ from guardtune.distributed import is_main_process
 from guardtune.errors import DataError
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
-from guardtune.models import load_pipeline, resolve_model
+from guardtune.models import load_pipeline
+from guardtune.resolve import resolve_model
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
 from guardtune.trust.build import sign_policy

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from guardtune.models import EMBEDDED_DIR, ModelSource
+from guardtune.resolve import EMBEDDED_DIR, ModelSource
 from guardtune.trust.build import build_policy
 from guardtune.trust.policy import FreezePolicy, Provenance
 from guardtune.trust.signing import PrivateKey, generate_key, public_pem, sign_payload

@@ -3,12 +3,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from guardtune.errors import DataError
-from guardtune.models import (
-    EMBEDDED_DIR,
-    load_pipeline,
-    resolve_model,
-    save_single_file,
-)
+from guardtune.models import load_pipeline, save_single_file
+from guardtune.resolve import EMBEDDED_DIR, resolve_model
 
 CPU = torch.device("cpu")
 
@@ -83,5 +79,5 @@ def test_broken_folder_is_a_data_error(embedded_pipeline, tmp_path):
     embedded_pipeline.save_pretrained(tmp_path / "model")
     weights = next((tmp_path / "model" / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(DataError, match="cannot load model"):
+    with pytest.raises(DataError, match=r"diffusion_pytorch_model\.safetensors: corrupt"):
         load_pipeline(str(tmp_path / "model"), device=CPU)

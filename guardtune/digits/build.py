@@ -39,7 +39,7 @@ from guardtune.digits.classifier import ASSET as CLASSIFIER_ASSET
 from guardtune.digits.classifier import recognition, save_classifier, train_classifier
 from guardtune.digits.dataset import BASE_CLASSES, STYLES, load_digits, prompt_for
 from guardtune.generate import sample_images
-from guardtune.models import EMBEDDED_DIR
+from guardtune.resolve import EMBEDDED_DIR
 from guardtune.training.progress import console, track
 from guardtune.trust.keys import PROJECT_TRUST_DIR
 

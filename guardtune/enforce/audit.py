@@ -34,11 +34,9 @@ import torch
 
 from guardtune.contract import (
     LDM_UNET_PREFIX,
-    LORA_FILE,
     PROVENANCE_FILE,
     PROVENANCE_METADATA_KEY,
     RunProvenance,
-    weight_files,
 )
 from guardtune.enforce.freeze import frozen_unet_names
 from guardtune.enforce.keynames import (
@@ -48,16 +46,15 @@ from guardtune.enforce.keynames import (
     parse_lora_key,
 )
 from guardtune.errors import DataError
-from guardtune.models import ModelSource, resolve_model
-from guardtune.trust.fingerprint import (
+from guardtune.resolve import ModelSource, resolve_model, weight_sets
+from guardtune.tensorfile import (
+    SAFETENSORS_TO_TORCH,
     TensorRecord,
-    hash_records,
     load_record,
-    model_tensors,
-    read_header,
     read_header_and_metadata,
     renamed,
 )
+from guardtune.trust.fingerprint import hash_records, model_tensors
 from guardtune.trust.verify import VerifiedPolicy, verify_policy
 
 # A bare UNet state dict (no component prefix) starts with one of these.
@@ -129,19 +126,27 @@ def audit(
     verified = verify_policy(source, policy_path, trusted_files, use_trust_dirs, model_config)
     frozen = sorted(f"unet.{n}" for n in frozen_unet_names(verified.policy))
     base_records = {r.name: r for r in model_tensors(source, ("unet",))["unet"]}
-    found = locate(derivative)
-    if found.kind == "full":
-        counts, violations = _audit_full(found, frozen, verified, base_records, strict)
-    else:
-        counts, violations = _audit_lora(found, frozen, verified, base_records, strict)
-    provenance = check_provenance(found, verified)
-    if provenance.consistent is False:
+    artefacts, violations = locate(derivative)
+    counts: Counter[str] = Counter()
+    checks = []
+    for found in artefacts:
+        audit_one = _audit_full if found.kind == "full" else _audit_lora
+        found_counts, found_violations = audit_one(found, frozen, verified, base_records, strict)
+        if len(artefacts) > 1:  # say which file each finding is in
+            found_violations = [_in(found, v) for v in found_violations]
+        counts.update(found_counts)
+        violations += found_violations
+        check = check_provenance(found, verified)
+        checks.append(check)
         violations += [
-            Finding("provenance", "provenance", problem, found.provenance_where)
-            for problem in provenance.problems
+            Finding("provenance", "provenance", problem, check.where) for problem in check.problems
         ]
+    counts["violations"] = len(violations)
+    provenance = _combined(checks)
+    kinds = "+".join(sorted({f.kind for f in artefacts})) or "none"
+    naming = "+".join(sorted({f.naming for f in artefacts})) or "none"
     return AuditReport(
-        derivative=derivative, kind=found.kind, naming=found.naming, base=source.label,
+        derivative=derivative, kind=kinds, naming=naming, base=source.label,
         policy=verified.policy_path, signer_keyid=verified.signer_keyid, strict=strict,
         frozen_tensors=len(frozen), counts=dict(counts), provenance=provenance,
         violations=tuple(violations), seconds=time.perf_counter() - start,
@@ -151,32 +156,68 @@ def audit(
 # ----------------------------------------------------------------------------- finding the files
 
 
-def locate(path: Path) -> Derivative:
-    """Recognise a derivative: diffusers folder, UNet folder, finetune output, or one file."""
+def locate(path: Path) -> tuple[list[Derivative], list[Finding]]:
+    """Every artefact at `path` that a loader could read, and what cannot be accounted for.
+
+    A single file is one artefact. A folder (a `finetune` run, a diffusers pipeline, or a UNet
+    folder) contributes every weight set of its UNet (the plain weights and each variant, each
+    resolved as `guardtune.resolve` does, shards and indexes included) and every safetensors
+    file beside them (LoRA files, single-file checkpoints). A weight layout the resolver refuses
+    is a violation here: the audit cannot prove what a loader would read from it.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"derivative {path} not found")
     if path.is_file():
-        return _single_file(path)
-    if (path / "model" / "model_index.json").is_file():  # a `finetune` output folder
-        return locate(path / "model")
-    if (path / LORA_FILE).is_file():
-        return _single_file(path / LORA_FILE, fallback_provenance=path / PROVENANCE_FILE)
-    folder = path / "unet" if (path / "model_index.json").is_file() else path
-    plain, variants = weight_files(folder)
-    # A folder saved with `variant="fp16"` has only variant files; otherwise they are extras.
-    files = plain or variants
-    if not files:
+        return [_single_file(path)], []
+    run_provenance = path / PROVENANCE_FILE
+    artefacts: list[Derivative] = []
+    findings: list[Finding] = []
+    model = path / "model" if (path / "model" / "model_index.json").is_file() else path
+    unet = model / "unet" if (model / "model_index.json").is_file() else model
+    text, where = _provenance_file(model / PROVENANCE_FILE)
+    if text is None:
+        text, where = _provenance_file(run_provenance)
+    try:
+        sets = weight_sets(unet)
+    except DataError as error:
+        findings.append(Finding("?", "unaccountable", error.one_line(), str(unet)))
+        sets = {}
+    for variant, records in sets.items():
+        label = unet / (f"weights ({variant})" if variant else "weights")
+        artefacts.append(Derivative(label, "full", "diffusers", records, text, where))
+    for folder in dict.fromkeys((path, model)):
+        for file in sorted(folder.glob("*.safetensors")):
+            if folder == unet:
+                continue  # the UNet folder's files are its weight sets, above
+            fallback = run_provenance if file.parent == path else None
+            artefacts.append(_single_file(file, fallback_provenance=fallback))
+    if not artefacts and not findings:
         raise DataError(
             f"{path} holds no UNet weights",
             hint="give a diffusers folder, its unet/ folder, a .safetensors file or a LoRA file",
         )
-    records = tuple(renamed(r, f"unet.{r.name}") for f in files for r in read_header(f))
-    text, where = _provenance_file(path / PROVENANCE_FILE)
-    return Derivative(path, "full", "diffusers", records, text, where)
+    return artefacts, findings
+
+
+def _in(found: Derivative, finding: Finding) -> Finding:
+    """The finding, saying which of several artefacts it is in."""
+    where = f"{found.path}: {finding.key or finding.tensor}"
+    return Finding(finding.tensor, finding.problem, finding.detail, where)
+
+
+def _combined(checks: list[ProvenanceCheck]) -> ProvenanceCheck:
+    present = [c for c in checks if c.present]
+    if not present:
+        return ProvenanceCheck(False, None, None)
+    wheres = ", ".join(dict.fromkeys(c.where for c in present if c.where))
+    problems = tuple(p for c in present for p in c.problems)
+    return ProvenanceCheck(True, not problems, wheres or None, problems)
 
 
 def _single_file(path: Path, fallback_provenance: Path | None = None) -> Derivative:
+    if not path.resolve().is_file():
+        raise DataError(f"{path} is not a regular file")
     if path.suffix != ".safetensors":
         raise DataError(f"{path} is not a .safetensors file", hint="convert it first")
     records, metadata = read_header_and_metadata(path)
@@ -273,7 +314,6 @@ def _audit_full(
     unexpected = [r for n, r in derivative.items() if n not in base_records]
     for name in missing:
         violations.append(_missing(name, base_records[name], unexpected))
-    counts["violations"] = len(violations)
     return counts, violations
 
 
@@ -281,6 +321,13 @@ def compare_values(base: TensorRecord, derivative: TensorRecord) -> tuple[str, s
     """identical | lossless | cast | changed, and a human description, for one tensor."""
     if base.shape != derivative.shape:
         return "changed", f"shape {list(derivative.shape)}, base {list(base.shape)}"
+    stored = SAFETENSORS_TO_TORCH.get(derivative.dtype)
+    if SAFETENSORS_TO_TORCH[base.dtype].is_floating_point and not (
+        stored is not None and stored.is_floating_point
+    ):
+        # Cast back, integers and booleans equal the base only where it held whole numbers:
+        # a loader would read them as values, not as a rounding of the base.
+        return "changed", f"stored as {derivative.dtype}, not a floating-point type"
     before, after = load_record(base), load_record(derivative)
     if before.dtype == after.dtype:
         if _same_bytes(before, after):
@@ -370,7 +417,6 @@ def _audit_lora(
         violations += full_violations
         counts["whole frozen tensors carried"] += len(present)
     counts["adapted modules"] = len(adapted)
-    counts["violations"] = len(violations)
     return counts, violations
 
 

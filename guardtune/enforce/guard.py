@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from guardtune.errors import IntegrityError
-from guardtune.trust.fingerprint import SAFETENSORS_TO_TORCH, TensorRecord, tensor_digest
+from guardtune.tensorfile import SAFETENSORS_TO_TORCH, TensorRecord
+from guardtune.trust.fingerprint import tensor_digest
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ from guardtune.evaluate.persguard import PersGuardConfig, implant
 from guardtune.evaluate.tasks import Task, load_tasks
 from guardtune.evaluate.uce import uce_edit
 from guardtune.generate import sample_images
-from guardtune.models import ModelSource, load_pipeline, resolve_model
+from guardtune.models import load_pipeline
+from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.encode import EncodedData
 from guardtune.training.progress import StepReporter, track
 

@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from guardtune import atomic
 from guardtune.errors import DataError
 from guardtune.learn.binarize import freeze_top
+from guardtune.tensorfile import read_header
 from guardtune.training.loss import draw_noise, pose, predict
-from guardtune.trust.fingerprint import read_header
 
 
 @dataclass(frozen=True)

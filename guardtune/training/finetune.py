@@ -37,7 +37,8 @@ from guardtune.data import ImageCaptionDataset, scan_folder
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import DataError
-from guardtune.models import ModelSource, load_pipeline, resolve_model
+from guardtune.models import load_pipeline
+from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from guardtune.training.config import (
     TrainConfig,
@@ -122,8 +123,9 @@ def finetune(
     scan = scan_folder(data, caption_column, instance_prompt)
     class_scan = scan_folder(class_data, caption_column, class_prompt) if class_data else None
 
-    # Load fp32 master weights; freeze; arm the guard that watches the frozen tensors.
-    pipeline = load_pipeline(source, device=device, dtype=torch.float32)
+    # Load fp32 master weights from the very bytes the policy binds; freeze; arm the guard.
+    expected = verified.policy.model if verified else None
+    pipeline = load_pipeline(source, device=device, dtype=torch.float32, expected=expected)
     unet = pipeline.unet
     frozen = frozen_unet_names(verified.policy if verified else None)
     summary = freeze_for_training(unet, frozen, pipeline.vae, pipeline.text_encoder)

@@ -117,7 +117,8 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
     import torch
 
     from guardtune.enforce.freeze import freeze_for_training
-    from guardtune.models import ModelSource, load_pipeline
+    from guardtune.models import load_pipeline
+    from guardtune.resolve import ModelSource
     from guardtune.training.config import TrainConfig, attach_lora, build_optimizer
 
     config = TrainConfig(**spec["config"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from guardtune import __version__, atomic
 from guardtune.errors import PolicyError
-from guardtune.models import ModelSource, resolve_model
+from guardtune.resolve import ModelSource, resolve_model
 from guardtune.trust.fingerprint import fingerprint_records, model_tensors
 from guardtune.trust.policy import (
     SCHEMA_VERSION,

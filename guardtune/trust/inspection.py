@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guardtune.blocks import BlockShare, plot_heatmap, shares_by_block
-from guardtune.models import resolve_model
+from guardtune.resolve import resolve_model
 from guardtune.trust.fingerprint import model_tensors
 from guardtune.trust.policy import FreezePolicy
 from guardtune.trust.verify import read_envelope

@@ -14,9 +14,9 @@ from datetime import datetime
 from pathlib import Path
 
 from guardtune.contract import POLICY_FILE
-from guardtune.errors import ModelMismatchError, PolicyError
-from guardtune.models import ModelSource, resolve_model
-from guardtune.trust.fingerprint import ComponentFingerprint, fingerprint_model
+from guardtune.errors import PolicyError
+from guardtune.resolve import ModelSource, resolve_model
+from guardtune.trust.fingerprint import compare_fingerprints, fingerprint_model
 from guardtune.trust.keys import load_trusted
 from guardtune.trust.policy import FreezePolicy
 from guardtune.trust.signing import Envelope, verify_envelope
@@ -71,36 +71,6 @@ def read_envelope(path: Path) -> Envelope:
     except OSError as error:
         raise PolicyError(f"cannot read policy {path} ({error.strerror})") from error
     return Envelope.from_json(data, where=f"policy {path.name}")
-
-
-def compare_fingerprints(
-    expected: dict[str, ComponentFingerprint], actual: dict[str, ComponentFingerprint]
-) -> None:
-    """ModelMismatchError naming the first component and tensor that differ."""
-    for component, want in sorted(expected.items()):
-        have = actual.get(component)
-        if have is None:
-            raise ModelMismatchError(f"the model has no {component}, which the policy covers")
-        if have.root == want.root:
-            continue
-        missing = sorted(set(want.tensors) - set(have.tensors))
-        if missing:
-            raise ModelMismatchError(
-                f"model does not match the policy: tensor {missing[0]} is missing "
-                f"({len(missing)} missing in {component})"
-            )
-        added = sorted(set(have.tensors) - set(want.tensors))
-        if added:
-            raise ModelMismatchError(
-                f"model does not match the policy: tensor {added[0]} is not in the policy's model "
-                f"({len(added)} extra in {component})"
-            )
-        changed = sorted(n for n in want.tensors if want.tensors[n] != have.tensors[n])
-        raise ModelMismatchError(
-            f"model does not match the policy: tensor {changed[0]} digest differs "
-            f"({len(changed)} of {len(want.tensors)} tensors of {component} differ)",
-            hint="use the exact weights the policy was published for",
-        )
 
 
 def verify_policy(

@@ -4,7 +4,7 @@ from transformers import CLIPTokenizer
 
 from guardtune.digits.bpe import learn_merges, write_clip_tokenizer
 from guardtune.digits.dataset import NUMBER_WORDS, prompt_for
-from guardtune.models import EMBEDDED_DIR
+from guardtune.resolve import EMBEDDED_DIR
 
 
 def test_learn_merges_is_greedy_and_deterministic():

@@ -3,7 +3,8 @@ import json
 import torch
 
 from guardtune.digits.build import BuildConfig, build
-from guardtune.models import EMBEDDED_DIR, load_pipeline
+from guardtune.models import load_pipeline
+from guardtune.resolve import EMBEDDED_DIR
 
 
 def test_build_runs_end_to_end_at_a_few_steps(tmp_path):

@@ -18,7 +18,7 @@ from guardtune.digits.dataset import export_digits
 from guardtune.enforce.audit import audit
 from guardtune.enforce.keynames import LDM_UNET_PREFIX, diffusers_to_ldm_unet
 from guardtune.errors import SignatureError
-from guardtune.models import ModelSource
+from guardtune.resolve import ModelSource
 from guardtune.training.config import TrainConfig
 from guardtune.training.finetune import finetune
 from guardtune.trust.build import build_policy, sign_policy_file
@@ -213,3 +213,71 @@ def test_policy_that_does_not_verify_stops_the_audit(setup, tmp_path):
     assert result.exit_code == 5, combined_output(result)
     result, _ = _audit(setup, tmp_path / "nothing-here")
     assert result.exit_code == 3 and "not found" in combined_output(result)
+
+
+# ----------------------------------------------------------------------------- every artefact
+
+
+def _frozen_edited(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    name = FROZEN[0].removeprefix("unet.")
+    return state | {name: state[name] + 0.5}
+
+
+def test_an_index_redirecting_the_weights_is_a_violation(setup, tmp_path):
+    """diffusers loads an index over the single file: the audit refuses to guess which."""
+    derivative = _unet_copy(setup, tmp_path, lambda state: None)
+    unet = derivative / "unet"
+    state = _frozen_edited(load_file(str(unet / "diffusion_pytorch_model.safetensors")))
+    save_file(state, str(unet / "edited.safetensors"))
+    weight_map = {name: "edited.safetensors" for name in state}
+    index = {"metadata": {}, "weight_map": weight_map}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7
+    assert _problems(report) == {"?": "unaccountable"}
+    assert "loaders disagree" in report["violations"][0]["detail"]
+    (unet / "diffusion_pytorch_model.safetensors").unlink()  # now the index is the weights
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7 and _problems(report) == {FROZEN[0]: "changed"}
+
+
+def test_every_variant_is_audited(setup, tmp_path):
+    derivative = _unet_copy(setup, tmp_path, lambda state: None)
+    unet = derivative / "unet"
+    state = _frozen_edited(load_file(str(unet / "diffusion_pytorch_model.safetensors")))
+    save_file({k: v.half() for k, v in state.items()},
+              str(unet / "diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7 and _problems(report) == {FROZEN[0]: "changed"}
+    assert "weights (fp16)" in report["violations"][0]["key"]
+    assert report["counts"]["identical"] == len(POLICY_FROZEN)  # the plain set is compliant
+
+
+def test_pickles_and_unknown_weight_files_are_violations(setup, tmp_path):
+    for name in ("diffusion_pytorch_model.bin", "more.safetensors"):
+        derivative = _unet_copy(setup, tmp_path / name, lambda state: None)
+        (derivative / "unet" / name).write_bytes(b"\x00" * 16)
+        result, report = _audit(setup, derivative)
+        assert result.exit_code == 7 and _problems(report) == {"?": "unaccountable"}, name
+
+
+def test_a_frozen_tensor_stored_as_integers_is_changed_not_cast(setup, tmp_path):
+    name = FROZEN[0].removeprefix("unet.")
+    derivative = _unet_copy(setup, tmp_path, lambda s: s.update({name: s[name].to(torch.int8)}))
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7 and _problems(report) == {FROZEN[0]: "changed"}
+    assert "not a floating-point type" in report["violations"][0]["detail"]
+
+
+def test_a_lora_file_beside_the_pipeline_is_audited_too(setup, tmp_path):
+    derivative = _unet_copy(setup, tmp_path, lambda state: None)
+    key = f"lora_unet_{TO_Q.replace('.', '_')}"
+    lora = {
+        f"{key}.lora_down.weight": torch.zeros(4, 32),
+        f"{key}.lora_up.weight": torch.zeros(32, 4),
+    }
+    save_file(lora, str(derivative / "pytorch_lora_weights.safetensors"))
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7
+    assert _problems(report) == {f"unet.{TO_Q}.weight": "lora-on-frozen"}
+    assert report["kind"] == "full+lora"

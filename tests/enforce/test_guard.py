@@ -4,7 +4,7 @@ from diffusers import UNet2DConditionModel
 
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import IntegrityError
-from guardtune.models import ModelSource
+from guardtune.resolve import ModelSource
 from guardtune.trust.fingerprint import model_tensors
 from tests.policy_helpers import FROZEN, copy_model, make_policy
 

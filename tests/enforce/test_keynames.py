@@ -12,7 +12,7 @@ from guardtune.enforce.keynames import (
     is_lora_key,
     parse_lora_key,
 )
-from guardtune.models import EMBEDDED_DIR
+from guardtune.resolve import EMBEDDED_DIR
 
 
 def _unet_names(config: dict) -> list[str]:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from guardtune.errors import PolicyError
-from guardtune.models import ModelSource, resolve_model
+from guardtune.resolve import ModelSource, resolve_model
 from guardtune.trust.build import build_policy, read_mask, unet_parameter_order
 from guardtune.trust.policy import Provenance
 

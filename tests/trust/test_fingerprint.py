@@ -3,13 +3,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from guardtune.errors import DataError
-from guardtune.models import EMBEDDED_DIR, ModelSource, resolve_model, save_single_file
-from guardtune.trust.fingerprint import (
-    fingerprint_model,
-    fingerprint_state_dict,
-    hash_records,
-    read_header,
-)
+from guardtune.models import save_single_file
+from guardtune.resolve import EMBEDDED_DIR, ModelSource, resolve_model
+from guardtune.tensorfile import read_header
+from guardtune.trust.fingerprint import fingerprint_model, fingerprint_state_dict, hash_records
 
 
 def test_folder_single_file_and_memory_give_the_same_fingerprint(embedded_pipeline, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from guardtune.cli import app
-from guardtune.models import EMBEDDED_DIR
+from guardtune.resolve import EMBEDDED_DIR
 from guardtune.trust.build import sign_policy_file
 from guardtune.trust.signing import Envelope, Signature, public_pem
 from tests.conftest import combined_output

@@ -1,0 +1,104 @@
+"""Verified loading of an SD v1.5-size pipeline: guardtune's bound path vs diffusers alone.
+
+Writes a pipeline folder whose UNet has the public SD v1.5 shape (859,520,964 parameters,
+randomly initialised) beside the embedded model's small VAE, text encoder and tokenizer, in
+fp32 and in fp16, signs a policy for each, and times in one run, page cache warm for both:
+- diffusers: `StableDiffusionPipeline.from_pretrained(folder)` (what a user would run);
+- guardtune: `verify_policy` (signature and fingerprint of the manifest's files) followed by
+  `load_pipeline(..., expected=policy)`, which copies each tensor out of its file, hashes the
+  copy and hands it to the module, then compares the digests with the policy's.
+Both load into fp32 on the CPU. Prints the ratio (target: at most 1.2x diffusers' time).
+
+    .venv/bin/python benchmarks/load.py [--dir DIR] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from sd15 import write_unet
+
+from guardtune.models import load_pipeline
+from guardtune.resolve import EMBEDDED_DIR, ModelSource
+from guardtune.trust.build import build_policy, sign_policy_file
+from guardtune.trust.policy import Provenance
+from guardtune.trust.signing import generate_key, public_pem
+from guardtune.trust.verify import verify_policy
+
+CPU = torch.device("cpu")
+
+
+def best_of(repeats: int, run) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def write_model(folder: Path, dtype: torch.dtype) -> Path:
+    """An SD v1.5-size UNet in the embedded pipeline, with a signed policy beside it."""
+    shutil.copytree(EMBEDDED_DIR, folder, ignore=shutil.ignore_patterns("unet", "guardtune-*"))
+    (folder / "unet").mkdir()
+    write_unet(folder / "unet" / "diffusion_pytorch_model.safetensors", dtype, folder / "unet")
+    key = generate_key()
+    policy = build_policy(ModelSource("folder", folder), ["unet.conv_in.weight"], Provenance("x"))
+    sign_policy_file(policy, [key], folder / "guardtune-policy.json")
+    trusted = folder.parent / f"{folder.name}.pub"
+    trusted.write_bytes(public_pem(key.public_key()))
+    return trusted
+
+
+def main() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=None, help="Where to write the models.")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    table = Table(title=f"Verified load vs from_pretrained, SD v1.5 UNet, {os.cpu_count()} cores")
+    for column in ("weights", "from_pretrained s", "verify s", "bound load s", "ratio"):
+        table.add_column(column, justify="right")
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+            folder = Path(root) / label
+            trusted = write_model(folder, dtype)
+
+            def plain(folder=folder):
+                StableDiffusionPipeline.from_pretrained(
+                    folder, dtype=torch.float32, safety_checker=None,
+                    requires_safety_checker=False, local_files_only=True,
+                )  # fmt: skip
+
+            def verify(folder=folder, trusted=trusted):
+                return verify_policy(str(folder), trusted_files=(trusted,), use_trust_dirs=False)
+
+            def bound(folder=folder, trusted=trusted):
+                verified = verify(folder, trusted)
+                load_pipeline(str(folder), device=CPU, dtype=torch.float32,
+                              expected=verified.policy.model)  # fmt: skip
+
+            plain()  # warm the page cache and the imports for both sides
+            diffusers_s = best_of(args.repeats, plain)
+            verify_s = best_of(args.repeats, verify)
+            bound_s = best_of(args.repeats, bound)
+            table.add_row(label, f"{diffusers_s:.2f}", f"{verify_s:.2f}", f"{bound_s:.2f}",
+                          f"{bound_s / diffusers_s:.2f}x")  # fmt: skip
+            shutil.rmtree(folder)
+    console = Console()
+    console.print(table)
+    console.print("bound load = verify (signature + fingerprint) + load hashing what it loads")
+    console.print("target: ratio <= 1.2x")
+
+
+if __name__ == "__main__":
+    main()
