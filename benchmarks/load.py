@@ -4,9 +4,10 @@ Writes a pipeline folder whose UNet has the public SD v1.5 shape (859,520,964 pa
 randomly initialised) beside the embedded model's small VAE, text encoder and tokenizer, in
 fp32 and in fp16, signs a policy for each, and times in one run, page cache warm for both:
 - diffusers: `StableDiffusionPipeline.from_pretrained(folder)` (what a user would run);
-- guardtune: `verify_policy` (signature and fingerprint of the manifest's files) followed by
+- guardtune: `verify_policy(fingerprint=False)` (signature, trust, expiry) followed by
   `load_pipeline(..., expected=policy)`, which copies each tensor out of its file, hashes the
-  copy and hands it to the module, then compares the digests with the policy's.
+  copy and hands it to the module, then compares the digests with the policy's: what
+  `finetune` does. `policy verify` alone (which fingerprints the files) is timed too.
 Both load into fp32 on the CPU. Prints the ratio (target: at most 1.2x diffusers' time).
 
     .venv/bin/python benchmarks/load.py [--dir DIR] [--repeats 2]
@@ -66,7 +67,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     table = Table(title=f"Verified load vs from_pretrained, SD v1.5 UNet, {os.cpu_count()} cores")
-    for column in ("weights", "from_pretrained s", "verify s", "bound load s", "ratio"):
+    columns = ("weights", "from_pretrained s", "+ every page read s", "policy verify s",
+               "bound load s", "vs from_pretrained", "vs + read")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16")):
@@ -79,25 +82,40 @@ def main() -> None:
                     requires_safety_checker=False, local_files_only=True,
                 )  # fmt: skip
 
-            def verify(folder=folder, trusted=trusted):
-                return verify_policy(str(folder), trusted_files=(trusted,), use_trust_dirs=False)
+            def read_all(folder=folder):
+                pipeline = StableDiffusionPipeline.from_pretrained(
+                    folder, dtype=torch.float32, safety_checker=None,
+                    requires_safety_checker=False, local_files_only=True,
+                )  # fmt: skip
+                for parameter in pipeline.unet.parameters():  # one value per 4 KiB page
+                    parameter.detach().reshape(-1)[::1024].sum()
+
+            def verify(folder=folder, trusted=trusted, fingerprint=True):
+                return verify_policy(str(folder), trusted_files=(trusted,), use_trust_dirs=False,
+                                     fingerprint=fingerprint)  # fmt: skip
 
             def bound(folder=folder, trusted=trusted):
-                verified = verify(folder, trusted)
+                verified = verify(folder, trusted, fingerprint=False)  # the loader binds
                 load_pipeline(str(folder), device=CPU, dtype=torch.float32,
                               expected=verified.policy.model)  # fmt: skip
 
             plain()  # warm the page cache and the imports for both sides
             diffusers_s = best_of(args.repeats, plain)
+            read_s = best_of(args.repeats, read_all)
             verify_s = best_of(args.repeats, verify)
             bound_s = best_of(args.repeats, bound)
-            table.add_row(label, f"{diffusers_s:.2f}", f"{verify_s:.2f}", f"{bound_s:.2f}",
-                          f"{bound_s / diffusers_s:.2f}x")  # fmt: skip
+            table.add_row(label, f"{diffusers_s:.2f}", f"{read_s:.2f}", f"{verify_s:.2f}",
+                          f"{bound_s:.2f}", f"{bound_s / diffusers_s:.2f}x",
+                          f"{bound_s / read_s:.2f}x")  # fmt: skip
             shutil.rmtree(folder)
     console = Console()
     console.print(table)
-    console.print("bound load = verify (signature + fingerprint) + load hashing what it loads")
-    console.print("target: ratio <= 1.2x")
+    console.print(
+        "bound load = signature check + a load that hashes every tensor it copies in and "
+        "compares with the policy; from_pretrained maps safetensors lazily, so its time "
+        "excludes reading the weights, which '+ every page read' adds"
+    )
+    console.print("target: bound load <= 1.2x from_pretrained")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,10 @@ def finetune(
     source: ModelSource = resolve_model(model, model_config)
     verified: VerifiedPolicy | None = None
     if not no_policy:
-        verified = verify_policy(source, policy, trusted)
+        # A folder's weights are bound where they are loaded (below), in one read; other
+        # sources are fingerprinted here first.
+        bound_at_load = source.kind in ("embedded", "folder")
+        verified = verify_policy(source, policy, trusted, fingerprint=not bound_at_load)
     scan = scan_folder(data, caption_column, instance_prompt)
     class_scan = scan_folder(class_data, caption_column, class_prompt) if class_data else None
 

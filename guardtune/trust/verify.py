@@ -80,7 +80,11 @@ def verify_policy(
     use_trust_dirs: bool = True,
     model_config: Path | None = None,
     now: datetime | None = None,
+    fingerprint: bool = True,
 ) -> VerifiedPolicy:
+    """Every check above. With `fingerprint=False` the binding to the weights is left to the
+    caller, which must load the model with `load_pipeline(..., expected=policy.model)`: the
+    loader hashes what it loads, so the weights are read once instead of twice."""
     source = model if isinstance(model, ModelSource) else resolve_model(model, model_config)
     path = Path(policy_path) if policy_path is not None else default_policy_path(source)
     envelope = read_envelope(path)
@@ -88,6 +92,7 @@ def verify_policy(
     policy = FreezePolicy.from_json(envelope.payload)
     if policy.is_expired(now):
         raise PolicyError(f"policy {path.name} expired at {policy.expires_at}")
-    actual = fingerprint_model(source, tuple(policy.model))  # a corrupt file is a DataError
-    compare_fingerprints(policy.model, actual)
+    if fingerprint:
+        actual = fingerprint_model(source, tuple(policy.model))  # a corrupt file: DataError
+        compare_fingerprints(policy.model, actual)
     return VerifiedPolicy(policy, path, signer.keyid, signer.source, source.label)
