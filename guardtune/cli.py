@@ -58,15 +58,34 @@ _debug = False
 T = TypeVar("T")
 
 ModelOption = Annotated[
-    str, typer.Option("--model", "-m", help="'digits', a diffusers folder, or a .safetensors file.")
-]
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="'digits', a diffusers folder, a hub id in the local cache, or a .safetensors file.",
+    ),
+]  # fmt: skip
 ModelConfigOption = Annotated[
     Path | None,
     typer.Option("--model-config", help="Config folder for a single-file .safetensors model."),
 ]
+RevisionOption = Annotated[
+    str | None,
+    typer.Option(help="Branch, tag or commit of a hub id in the local cache (default main)."),
+]
+VariantOption = Annotated[
+    str | None, typer.Option(help="Weight files saved with this variant, e.g. fp16.")
+]
 JsonOption = Annotated[
     Path | None, typer.Option("--json", help="Also write the result as JSON to this file.")
 ]
+
+
+def _source(model: str, model_config: Path | None, revision: str | None, variant: str | None):
+    """The `--model` options as one checked ModelSource (called inside each command's action,
+    so that a bad model gets the error contract)."""
+    from guardtune.resolve import resolve_model
+
+    return resolve_model(model, model_config, revision=revision, variant=variant)
 
 
 def jsonable(value: Any) -> Any:
@@ -206,6 +225,8 @@ def generate(
     out: Annotated[Path, typer.Option(help="PNG file for the grid of all samples.")],
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     num: Annotated[int, typer.Option(min=1, help="Number of images.")] = 8,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps (DDIM).")] = 25,
     seed: Annotated[
@@ -224,8 +245,8 @@ def generate(
 
     def action() -> GenerateResult:
         return run_generate(
-            prompt, out, model=model, model_config=model_config, lora=lora, num=num,
-            steps=steps, seed=seed, guidance=guidance, out_dir=out_dir, scale=scale,
+            prompt, out, model=_source(model, model_config, revision, variant), lora=lora,
+            num=num, steps=steps, seed=seed, guidance=guidance, out_dir=out_dir, scale=scale,
         )  # fmt: skip
 
     run_command(action, json_path, render_generate)
@@ -273,6 +294,8 @@ def policy_sign(
     key: Annotated[list[Path], typer.Option(help="Private key (repeatable for co-signing).")],
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Where to write (default: guardtune-policy.json in the model)."),
@@ -287,7 +310,7 @@ def policy_sign(
     from guardtune.trust.build import sign_mask
 
     run_command(
-        lambda: sign_mask(mask, key, model=model, model_config=model_config, out=out,
+        lambda: sign_mask(mask, key, model=_source(model, model_config, revision, variant), out=out,
                           expires_at=expires, method=method),
         json_path, render_policy_sign,
     )  # fmt: skip
@@ -297,6 +320,8 @@ def policy_sign(
 def policy_verify(
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     json_path: JsonOption = None,
@@ -305,8 +330,8 @@ def policy_verify(
     from guardtune.trust.verify import verify_policy
 
     run_command(
-        lambda: verify_policy(model, policy_path=policy, trusted_files=trusted or (),
-                              model_config=model_config).summary(),
+        lambda: verify_policy(_source(model, model_config, revision, variant), policy_path=policy,
+                              trusted_files=trusted or ()).summary(),
         json_path, render_policy_verify,
     )  # fmt: skip
 
@@ -316,6 +341,8 @@ def policy_show(
     policy: Annotated[Path, typer.Argument(help="A signed policy file.")],
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     plot: Annotated[Path | None, typer.Option(help="Write a block heatmap PNG here.")] = None,
     json_path: JsonOption = None,
 ) -> None:
@@ -323,7 +350,8 @@ def policy_show(
     from guardtune.trust.inspection import describe_policy
 
     run_command(
-        lambda: describe_policy(policy, model=model, model_config=model_config, plot=plot),
+        lambda: describe_policy(policy, model=_source(model, model_config, revision, variant),
+                                plot=plot),
         json_path, render_policy_show,
     )  # fmt: skip
 
@@ -339,6 +367,8 @@ def publish(
     ratio: Annotated[float, typer.Option(help="Share to freeze, p.")] = 0.3,
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     method: Annotated[str, typer.Option(help="freezeasguard or random (random-p).")] = (
         "freezeasguard"
     ),
@@ -381,8 +411,8 @@ def publish(
         # Keys first: a wrong passphrase must not wait for the mask to be learned.
         keys = [load_private_key(path) for path in key]
         return run_publish(
-            illegal, legal, keys, model=model, model_config=model_config, method=method,
-            config=config, out=out, workdir=work_dir, resume=resume,
+            illegal, legal, keys, model=_source(model, model_config, revision, variant),
+            method=method, config=config, out=out, workdir=work_dir, resume=resume,
         )  # fmt: skip
 
     main = is_main_process()
@@ -398,6 +428,8 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/finetune"),
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     no_policy: Annotated[bool, typer.Option(help="Train a model that has no policy.")] = False,
@@ -445,7 +477,7 @@ def finetune(
 
     def action() -> TrainResult:
         result = run_finetune(
-            data, out, model=model, model_config=model_config, policy=policy,
+            data, out, model=_source(model, model_config, revision, variant), policy=policy,
             trusted=tuple(trusted or ()), no_policy=no_policy, config=config,
             caption_column=caption_column, instance_prompt=instance_prompt,
             class_data=class_data, class_prompt=class_prompt, resume=resume, compare=compare,
@@ -466,9 +498,17 @@ def audit(
         Path, typer.Argument(help="Fine-tuned model: diffusers folder, .safetensors or LoRA file.")
     ],
     base: Annotated[
-        str, typer.Option("--base", "-b", help="The published base model ('digits', a folder...).")
-    ] = "digits",
+        str | None,
+        typer.Option(
+            "--base",
+            "-b",
+            help="The published base model ('digits', a folder, a hub id...); default: the one "
+            "the derivative's provenance names, if it is here.",
+        ),
+    ] = None,
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     strict: Annotated[
@@ -480,9 +520,9 @@ def audit(
     from guardtune.enforce.audit import audit as run_audit
 
     report = run_command(
-        lambda: run_audit(derivative, base=base, policy_path=policy,
-                          trusted_files=tuple(trusted or ()), model_config=model_config,
-                          strict=strict),
+        lambda: run_audit(derivative,
+                          base=base and _source(base, model_config, revision, variant),
+                          policy_path=policy, trusted_files=tuple(trusted or ()), strict=strict),
         json_path, render_audit,
     )  # fmt: skip
     if not report.compliant:
@@ -504,6 +544,8 @@ def evaluate(
     legal: Annotated[list[Path], typer.Option(help="Legal data folder (repeatable).")],
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
+    revision: RevisionOption = None,
+    variant: VariantOption = None,
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     methods: Annotated[
@@ -558,7 +600,7 @@ def evaluate(
     )  # fmt: skip
 
     run_command(
-        lambda: run_evaluate(illegal, legal, model=model, model_config=model_config,
+        lambda: run_evaluate(illegal, legal, model=_source(model, model_config, revision, variant),
                              policy=policy, trusted=tuple(trusted or ()), config=config,
                              plot=plot, workdir=work_dir),
         json_path, render_evaluate,

@@ -34,6 +34,12 @@ class GuardtuneError(Exception):
         return f"{text} ({self.hint})" if self.hint else text
 
 
+class UsageError(GuardtuneError):
+    """A command that needs an option it was not given (Typer's own usage errors share the code)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class DataError(GuardtuneError):
     """Bad data or input file: missing folder, unreadable image, missing caption, bad model."""
 

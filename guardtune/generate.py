@@ -17,6 +17,7 @@ from PIL import Image
 
 from guardtune import atomic
 from guardtune.errors import DataError
+from guardtune.resolve import ModelSource
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
@@ -153,7 +154,7 @@ def generate(
     prompt: str,
     out: Path,
     *,
-    model: str = "digits",
+    model: str | ModelSource = "digits",
     model_config: Path | None = None,
     lora: Path | None = None,
     num: int = 8,

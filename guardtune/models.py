@@ -96,7 +96,7 @@ def load_folder(source: ModelSource, dtype: torch.dtype, expected=None):
     """A pipeline built from exactly the bytes its manifest names, hashed as they are read."""
     import diffusers
 
-    manifest = resolve_folder(source.path)
+    manifest = resolve_folder(source.path, source.variant, source.root)
     parts = manifest.components
     modules, fingerprints = {}, {}
     for name in ("unet", "vae", "text_encoder"):

@@ -27,7 +27,7 @@ from guardtune.errors import DataError
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
 from guardtune.models import load_pipeline
-from guardtune.resolve import resolve_model
+from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
 from guardtune.trust.build import sign_policy
@@ -83,7 +83,7 @@ def publish(
     illegal: list[Path],
     legal: list[Path],
     keys: list[PrivateKey],
-    model: str = "digits",
+    model: str | ModelSource = "digits",
     model_config: Path | None = None,
     method: str = "freezeasguard",
     config: LearnerConfig | None = None,

@@ -196,7 +196,7 @@ def render_audit(report: AuditReport) -> None:
     rows += [("frozen tensors", str(report.frozen_tensors))]
     rows += [(name, str(count)) for name, count in sorted(report.counts.items())]
     check = report.provenance
-    state = "absent" if not check.present else "consistent" if check.consistent else "FORGED"
+    state = check.status.upper() if check.status == "forged" else check.status
     rows += [("provenance", f"{state} ({check.where})" if check.present else state)]
     rows += [("mode", "strict" if report.strict else "default (casts allowed)")]
     rows += [("seconds", f"{report.seconds:.2f}")]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,31 +42,61 @@ EMBEDDED_DIR = ASSETS_DIR / "digits"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: `kind` is 'embedded', 'folder' or 'single_file'."""
+    """Where a model comes from: `kind` is 'embedded', 'folder' or 'single_file'.
+
+    `variant` picks weight files saved with `variant=` (e.g. "fp16"); `root` is the folder
+    that links may point into (the model's own folder, or a hub repository's cache folder,
+    whose snapshots link into its blobs); `name` labels a hub model ("org/name@commit").
+    """
 
     kind: str
     path: Path
     config_dir: Path | None = None
+    variant: str | None = None
+    root: Path | None = None
+    name: str | None = None
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         return EMBEDDED if self.kind == "embedded" else str(self.path)
 
 
-def resolve_model(model: str, config_dir: Path | None = None) -> ModelSource:
-    """Turn a `--model` string into a checked ModelSource; DataError if it cannot be one."""
+def resolve_model(
+    model: str | ModelSource,
+    config_dir: Path | None = None,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> ModelSource:
+    """Turn a `--model` into a checked ModelSource; DataError if it cannot be one.
+
+    `model` is 'digits', a local diffusers folder, a single `.safetensors` file (with
+    `config_dir`), or a Hugging Face hub id ("org/name") already in the local cache, at
+    `revision` (a branch, tag or commit; "main" by default). Nothing is ever downloaded.
+    """
+    if isinstance(model, ModelSource):
+        return model
+    if variant is not None and not re.fullmatch(r"\w+", variant):
+        raise DataError(f"--variant {variant!r} must be a word such as fp16")
+    path = Path(model).expanduser()
+    if revision is not None and (model == EMBEDDED or path.exists()):
+        raise DataError("--revision applies to hub ids only, not to local files")
     if model == EMBEDDED:
         if not (EMBEDDED_DIR / "model_index.json").is_file():
             raise DataError(
                 "the embedded model's weights are missing from the package",
                 hint="reinstall guardtune or run `make embedded`",
             )
-        return ModelSource("embedded", EMBEDDED_DIR)
-    path = Path(model).expanduser()
+        return ModelSource("embedded", EMBEDDED_DIR, variant=variant)
+    if not path.exists() and _HUB_ID.fullmatch(model):
+        return _from_hub_cache(model, revision, variant)
     if not path.exists():
         raise DataError(
             f"model {model!r} not found",
-            hint="give 'digits', a diffusers folder, or a .safetensors file with --model-config",
+            hint="give 'digits', a diffusers folder, a hub id in the local cache, or a "
+            ".safetensors file with --model-config",
         )
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -73,7 +104,7 @@ def resolve_model(model: str, config_dir: Path | None = None) -> ModelSource:
                 f"{path} is not a diffusers pipeline folder: it has no model_index.json",
                 hint="point --model at the folder that save_pretrained wrote",
             )
-        return ModelSource("folder", path)
+        return ModelSource("folder", path, variant=variant)
     if path.suffix != ".safetensors":
         raise DataError(f"{path} is not a .safetensors checkpoint", hint="convert it first")
     if config_dir is None:
@@ -84,6 +115,49 @@ def resolve_model(model: str, config_dir: Path | None = None) -> ModelSource:
     if not (config_dir / "model_index.json").is_file():
         raise DataError(f"--model-config {config_dir} has no model_index.json")
     return ModelSource("single_file", path, config_dir)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, located as huggingface_hub locates it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    default_home = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"
+    return Path(os.environ.get("HF_HOME", default_home)).expanduser() / "hub"
+
+
+def _from_hub_cache(repo_id: str, revision: str | None, variant: str | None) -> ModelSource:
+    """A hub id's snapshot folder in the local cache: refs/<revision> -> snapshots/<commit>."""
+    cache = hub_cache()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    if not repo.is_dir():
+        raise DataError(
+            f"{repo_id} is not in the local Hugging Face cache ({cache})",
+            hint="download it with your usual tools first: guardtune never downloads",
+        )
+    revision = revision or "main"
+    if not _REVISION.fullmatch(revision) or ".." in revision.split("/"):
+        raise DataError(f"--revision {revision!r} is not a branch, tag or commit name")
+    commit = revision
+    if not _COMMIT.fullmatch(revision):
+        ref = repo / "refs" / revision
+        if not ref.is_file() or ref.is_symlink():
+            raise DataError(f"{repo_id} has no revision {revision!r} in the local cache")
+        with ref.open("rb") as handle:  # a ref is one line; read no more than that
+            commit = handle.read(128).decode(errors="replace").strip()
+        if not _COMMIT.fullmatch(commit):
+            raise DataError(f"{ref} does not hold a commit hash")
+    snapshot = repo / "snapshots" / commit
+    if not (snapshot / "model_index.json").is_file():
+        raise DataError(
+            f"{repo_id} at {commit[:12]} has no complete snapshot with model_index.json"
+        )
+    name = f"{repo_id}@{commit}"
+    return ModelSource("folder", snapshot, variant=variant, root=repo, name=name)
 
 
 # Pipelines guardtune loads, with the components it loads for each (others are not read).
@@ -146,10 +220,15 @@ class Manifest:
     other_variants: tuple[str, ...] = ()  # weight files of other variants, not loaded
 
 
-def resolve_folder(root: Path, variant: str | None = None) -> Manifest:
-    """The manifest of a diffusers pipeline folder; DataError (exit 3) on anything ambiguous."""
+def resolve_folder(
+    root: Path, variant: str | None = None, allowed_root: Path | None = None
+) -> Manifest:
+    """The manifest of a diffusers pipeline folder; DataError (exit 3) on anything ambiguous.
+
+    Links may point anywhere inside `allowed_root` (the folder itself by default).
+    """
     root = Path(root)
-    real_root = root.resolve()
+    real_root = Path(allowed_root or root).resolve()
     _refuse_code(root)
     index = _read_config(root, real_root, "model_index.json")
     entries = _parse_json(index, "model_index.json")

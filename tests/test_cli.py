@@ -90,6 +90,11 @@ def _assert_defaults(
     convert = {"trusted": _as_passed, **(passed or {})}
     options = {n: convert.get(n, lambda v: v)(v) for n, v in _defaults(command).items()}
     options.pop("json_path")
+    if "model_config" in options:  # --revision and --variant go to resolve_model with it
+        from guardtune.resolve import resolve_model
+
+        resolver = _defaults(resolve_model)
+        expected = expected | {name: resolver[name] for name in ("revision", "variant")}
     assert set(options) == set(expected) | set(cli_only)
     assert {name: options[name] for name in expected} == expected
 

@@ -259,3 +259,117 @@ def test_the_fingerprint_covers_exactly_the_manifest(setup):
     for component in ("unet", "vae", "text_encoder"):
         names = {r.name for r in manifest.components[component].tensors}
         assert set(fingerprints[component].tensors) == names
+
+
+# ----------------------------------------------------------------------------- hub cache, variants
+
+
+def _hub_cache(tmp_path: Path, repo_id: str = "someone/tiny-sd") -> tuple[Path, str]:
+    """The embedded model laid out as huggingface_hub caches it: snapshot links into blobs."""
+    import hashlib
+    import shutil
+
+    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for source in sorted(EMBEDDED_DIR.rglob("*")):
+        relative = source.relative_to(EMBEDDED_DIR)
+        if source.is_dir() or relative.name.startswith("guardtune-"):
+            continue
+        blob = repo / "blobs" / hashlib.sha256(source.read_bytes()).hexdigest()
+        shutil.copyfile(source, blob)
+        link = repo / "snapshots" / commit / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return tmp_path / "hub", commit
+
+
+def test_a_hub_id_in_the_local_cache_is_a_model(runner, tmp_path, monkeypatch):
+    from guardtune.resolve import resolve_model
+    from guardtune.trust.build import build_policy, sign_policy_file
+    from guardtune.trust.policy import Provenance
+    from guardtune.trust.signing import generate_key, public_pem
+
+    cache, commit = _hub_cache(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    source = resolve_model("someone/tiny-sd")
+    assert source.label == f"someone/tiny-sd@{commit}" and source.path.name == commit
+    key = generate_key()
+    (tmp_path / "publisher.pub").write_bytes(public_pem(key.public_key()))
+    policy = build_policy(source, ["unet.conv_in.weight"], Provenance("manual"))
+    sign_policy_file(policy, [key], tmp_path / "policy.json")
+    common = [
+        "--policy",
+        str(tmp_path / "policy.json"),
+        "--trusted",
+        str(tmp_path / "publisher.pub"),
+    ]
+    for model in (["--model", "someone/tiny-sd"], ["-m", "someone/tiny-sd", "--revision", commit]):
+        result = runner.invoke(app, ["policy", "verify", *model, *common])
+        assert result.exit_code == 0, combined_output(result)
+    refused = {
+        "other/model": "not in the local Hugging Face cache",
+        "someone/tiny-sd --revision v2": "no revision 'v2'",
+        "someone/tiny-sd --revision ../../x": "not a branch, tag or commit",
+    }
+    for args, message in refused.items():
+        result = runner.invoke(app, ["policy", "verify", "-m", *args.split(), *common])
+        assert result.exit_code == 3 and message in combined_output(result), args
+
+
+def test_a_hub_snapshot_linking_out_of_its_repository_is_refused(tmp_path, monkeypatch):
+    from guardtune.resolve import resolve_model
+
+    cache, commit = _hub_cache(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    link = cache / "models--someone--tiny-sd" / "snapshots" / commit / "vae" / UNET
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(link.read_bytes())
+    link.unlink()
+    link.symlink_to(outside)
+    with pytest.raises(DataError, match="links outside the model folder"):
+        fingerprint_model(resolve_model("someone/tiny-sd"))
+
+
+def test_a_variant_only_folder_loads_with_its_variant(runner, setup):
+    for component in ("unet", "vae"):
+        folder = setup["model"] / component
+        (folder / UNET).rename(folder / "diffusion_pytorch_model.fp16.safetensors")
+    code, output = _verify(runner, setup["model"])
+    assert code == 3 and "pass the variant" in output
+    result = runner.invoke(
+        app, ["policy", "verify", "--model", str(setup["model"]), "--variant", "fp16"]
+    )
+    assert result.exit_code == 0, combined_output(result)
+    pipeline = load_pipeline(
+        ModelSource("folder", setup["model"], variant="fp16"), device=CPU,
+        expected=setup["policy"].model,
+    )  # fmt: skip
+    assert pipeline.unet is not None
+
+
+def test_publish_and_finetune_take_a_hub_id(runner, tmp_path, monkeypatch):
+    from guardtune.digits.dataset import export_digits
+
+    cache, _ = _hub_cache(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    illegal = export_digits(tmp_path / "illegal", (7,), "test").out
+    legal = export_digits(tmp_path / "legal", (1,), "test", "bold").out
+    assert runner.invoke(app, ["keygen", "--out", str(tmp_path / "k")]).exit_code == 0
+    policy = tmp_path / "policy.json"
+    publish = ["publish", "--illegal", str(illegal), "--legal", str(legal), "--key",
+               str(tmp_path / "k.key"), "-m", "someone/tiny-sd", "--method", "random",
+               "--out", str(policy)]  # fmt: skip
+    result = runner.invoke(app, publish)
+    assert result.exit_code == 0, combined_output(result)
+    finetune = ["finetune", str(illegal), "-m", "someone/tiny-sd", "--policy", str(policy),
+                "--trusted", str(tmp_path / "k.pub"), "--out", str(tmp_path / "run"),
+                "--steps", "2", "--batch-size", "2", "--no-compare",
+                "--json", str(tmp_path / "run.json")]  # fmt: skip
+    result = runner.invoke(app, finetune)
+    assert result.exit_code == 0, combined_output(result)
+    provenance = json.loads((tmp_path / "run" / "guardtune-provenance.json").read_text())
+    assert provenance["base_model"].startswith("someone/tiny-sd@")

@@ -45,7 +45,7 @@ from guardtune.enforce.keynames import (
     is_lora_key,
     parse_lora_key,
 )
-from guardtune.errors import DataError
+from guardtune.errors import DataError, UsageError
 from guardtune.resolve import ModelSource, resolve_model, weight_sets
 from guardtune.tensorfile import (
     SAFETENSORS_TO_TORCH,
@@ -66,17 +66,28 @@ class Finding:
     """One frozen tensor (or adapted module) that breaks the policy, and how."""
 
     tensor: str  # the policy's name (`unet....weight`)
-    problem: str  # changed | missing | renamed | cast | lora-on-frozen | unmapped | provenance
+    # changed | missing | renamed | cast | lora-on-frozen | unmapped | unaccountable |
+    # forged provenance
+    problem: str
     detail: str
     key: str | None = None  # the derivative's own key, where it differs from `tensor`
 
 
 @dataclass(frozen=True)
 class ProvenanceCheck:
+    """What a derivative's provenance claims, against the base and policy audited with.
+
+    `status`: absent; consistent; other base or other policy (it was made from something
+    else, which is no lie: the tensors decide compliance); forged (it names this base and
+    policy but lies about the signer, the frozen tensors or their digests, or is not a
+    readable record). Only a forged provenance is a violation.
+    """
+
     present: bool
     consistent: bool | None  # None when absent
     where: str | None
-    problems: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # what a forged record lies about
+    status: str = "absent"
 
 
 @dataclass(frozen=True)
@@ -113,20 +124,28 @@ class Derivative:
 
 def audit(
     derivative: Path,
-    base: str | ModelSource = "digits",
+    base: str | ModelSource | None = None,
     policy_path: Path | None = None,
     trusted_files: Iterable[Path] = (),
     use_trust_dirs: bool = True,
     model_config: Path | None = None,
     strict: bool = False,
 ) -> AuditReport:
-    """Check a derivative against the base's verified policy; never raises for violations."""
+    """Check a derivative against the base's verified policy; never raises for violations.
+
+    Without `base`, the base is the one the derivative's provenance names, if it is here
+    (the embedded model, a local folder, a hub snapshot in the local cache); otherwise a
+    UsageError (exit 2) asks for it. The provenance only says where to look: the policy
+    found there is verified as always, and the tensors decide compliance.
+    """
     start = time.perf_counter()
-    source = base if isinstance(base, ModelSource) else resolve_model(base, model_config)
+    artefacts, violations = locate(derivative)
+    if base is None:
+        base = _base_from_provenance(artefacts)
+    source = resolve_model(base, model_config)
     verified = verify_policy(source, policy_path, trusted_files, use_trust_dirs, model_config)
     frozen = sorted(f"unet.{n}" for n in frozen_unet_names(verified.policy))
     base_records = {r.name: r for r in model_tensors(source, ("unet",))["unet"]}
-    artefacts, violations = locate(derivative)
     counts: Counter[str] = Counter()
     checks = []
     for found in artefacts:
@@ -139,7 +158,8 @@ def audit(
         check = check_provenance(found, verified)
         checks.append(check)
         violations += [
-            Finding("provenance", "provenance", problem, check.where) for problem in check.problems
+            Finding("provenance", "forged provenance", problem, check.where)
+            for problem in check.problems
         ]
     counts["violations"] = len(violations)
     provenance = _combined(checks)
@@ -200,6 +220,28 @@ def locate(path: Path) -> tuple[list[Derivative], list[Finding]]:
     return artefacts, findings
 
 
+def _base_from_provenance(artefacts: list[Derivative]) -> ModelSource:
+    """The base a derivative's provenance names, when it resolves here."""
+    for found in artefacts:
+        if found.provenance is None:
+            continue
+        try:
+            named = RunProvenance.from_json(found.provenance).base_model
+        except ValueError:
+            continue
+        hub_id, _, commit = named.partition("@")
+        try:
+            if commit:
+                return resolve_model(hub_id, revision=commit)
+            return resolve_model(named)
+        except DataError:
+            break
+    raise UsageError(
+        "the derivative's provenance names no base model that is here",
+        hint="pass --base with the published model it was fine-tuned from",
+    )
+
+
 def _in(found: Derivative, finding: Finding) -> Finding:
     """The finding, saying which of several artefacts it is in."""
     where = f"{found.path}: {finding.key or finding.tensor}"
@@ -212,7 +254,10 @@ def _combined(checks: list[ProvenanceCheck]) -> ProvenanceCheck:
         return ProvenanceCheck(False, None, None)
     wheres = ", ".join(dict.fromkeys(c.where for c in present if c.where))
     problems = tuple(p for c in present for p in c.problems)
-    return ProvenanceCheck(True, not problems, wheres or None, problems)
+    # The worst of the artefacts' statuses speaks for the derivative.
+    order = ("forged", "other base", "other policy", "consistent")
+    status = min((c.status for c in present), key=order.index)
+    return ProvenanceCheck(True, status == "consistent", wheres or None, problems, status)
 
 
 def _single_file(path: Path, fallback_provenance: Path | None = None) -> Derivative:
@@ -424,20 +469,21 @@ def _audit_lora(
 
 
 def check_provenance(found: Derivative, verified: VerifiedPolicy) -> ProvenanceCheck:
-    """Whether the derivative's provenance, if any, names this base, policy and signer."""
+    """What the derivative's provenance, if any, says of this base, policy and signer."""
     if found.provenance is None:
         return ProvenanceCheck(False, None, None)
+    where = found.provenance_where
     try:
         claims = RunProvenance.from_json(found.provenance)
     except ValueError as error:
-        return ProvenanceCheck(True, False, found.provenance_where, (str(error),))
+        return ProvenanceCheck(True, False, where, (str(error),), "forged")
     policy = verified.policy
-    problems = []
     roots = {component: fp.root for component, fp in policy.model.items()}
     if claims.base_fingerprint != roots:
-        problems.append("provenance names another base model (fingerprint roots differ)")
+        return ProvenanceCheck(True, False, where, (), "other base")
     if claims.policy_sha256 != hashlib.sha256(policy.to_json()).hexdigest():
-        problems.append("provenance names another policy")
+        return ProvenanceCheck(True, False, where, (), "other policy")
+    problems = []
     if claims.signer_keyid != verified.signer_keyid:
         problems.append("provenance names another policy signer")
     digests = policy.model["unet"].tensors
@@ -447,4 +493,5 @@ def check_provenance(found: Derivative, verified: VerifiedPolicy) -> ProvenanceC
         problems.append("provenance lists frozen-tensor digests that are not the base's")
     if claims.mode != found.kind:
         problems.append(f"provenance says a {claims.mode} fine-tune, the file is {found.kind}")
-    return ProvenanceCheck(True, not problems, found.provenance_where, tuple(problems))
+    status = "forged" if problems else "consistent"
+    return ProvenanceCheck(True, not problems, where, tuple(problems), status)

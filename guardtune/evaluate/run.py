@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from guardtune import atomic
+from guardtune.contract import default_device
 from guardtune.errors import DataError
 from guardtune.evaluate.attack import AttackConfig, user_finetune
 from guardtune.evaluate.defenses import (
@@ -223,7 +224,7 @@ def defense_for(
 def evaluate(
     illegal: list[Path],
     legal: list[Path],
-    model: str = "digits",
+    model: str | ModelSource = "digits",
     model_config: Path | None = None,
     policy: Path | None = None,
     trusted: tuple[Path, ...] = (),
@@ -244,7 +245,7 @@ def evaluate(
 
     from diffusers import DDPMScheduler
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     pipeline = load_pipeline(source, device=device, dtype=torch.float32)
     pipeline.vae.requires_grad_(False)
     pipeline.text_encoder.requires_grad_(False)

@@ -84,7 +84,7 @@ def finetune(
     data: Path,
     out: Path,
     *,
-    model: str = "digits",
+    model: str | ModelSource = "digits",
     model_config: Path | None = None,
     policy: Path | None = None,
     trusted: tuple[Path, ...] = (),

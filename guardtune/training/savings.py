@@ -116,6 +116,7 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
     """The probe itself: load, freeze, a few steps on synthetic data, measure."""
     import torch
 
+    from guardtune.contract import default_device
     from guardtune.enforce.freeze import freeze_for_training
     from guardtune.models import load_pipeline
     from guardtune.resolve import ModelSource
@@ -123,7 +124,7 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
 
     config = TrainConfig(**spec["config"])
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = default_device()
     source = ModelSource(
         spec["kind"], Path(spec["path"]), Path(spec["config_dir"]) if spec["config_dir"] else None
     )

@@ -164,7 +164,7 @@ def sign_mask(
     mask: Path,
     key_files: Sequence[Path],
     *,
-    model: str = "digits",
+    model: str | ModelSource = "digits",
     model_config: Path | None = None,
     out: Path | None = None,
     expires_at: str | None = None,

@@ -105,7 +105,7 @@ def model_tensors(
                 raise DataError(f"{source.path}: no '{component}.*' tensors")
             result[component] = part
         return result
-    manifest = resolve_folder(source.path)
+    manifest = resolve_folder(source.path, source.variant, source.root)
     for component in components:
         if component not in manifest.components:
             raise DataError(f"{source.label} has no {component}")

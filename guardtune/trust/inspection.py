@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guardtune.blocks import BlockShare, plot_heatmap, shares_by_block
-from guardtune.resolve import resolve_model
+from guardtune.resolve import ModelSource, resolve_model
 from guardtune.trust.fingerprint import model_tensors
 from guardtune.trust.policy import FreezePolicy
 from guardtune.trust.verify import read_envelope
@@ -28,7 +28,7 @@ class PolicyReport:
 
 
 def describe_policy(
-    policy_path: Path, model: str = "digits", model_config: Path | None = None,
+    policy_path: Path, model: str | ModelSource = "digits", model_config: Path | None = None,
     plot: Path | None = None,
 ) -> PolicyReport:  # fmt: skip
     envelope = read_envelope(policy_path)

@@ -178,27 +178,62 @@ def test_unmappable_lora_key_fails_closed(setup, tmp_path):
     assert result.exit_code == 7 and _problems(report) == {"?": "unmapped"}
 
 
-def test_forged_provenance_is_caught(setup, tmp_path):
-    path = tmp_path / "forged.safetensors"
+def _lora_with_claims(setup, path: Path, edit) -> Path:
     source = setup["root"] / "lora" / LORA_FILE
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata()
     claims = json.loads(metadata["guardtune_provenance"])
-    claims["policy_sha256"] = "0" * 64
+    edit(claims)
     metadata["guardtune_provenance"] = json.dumps(claims)
     save_file(load_file(str(source)), str(path), metadata=metadata)
-    result, report = _audit(setup, path)
-    assert result.exit_code == 7
-    assert report["provenance"]["consistent"] is False
-    assert report["violations"][0]["detail"] == "provenance names another policy"
-    # A full derivative's provenance file is checked the same way.
+    return path
+
+
+def test_provenance_of_another_policy_or_base_is_reported_and_a_lie_is_forged(setup, tmp_path):
+    other = _lora_with_claims(setup, tmp_path / "other.safetensors",
+                              lambda claims: claims.update(policy_sha256="0" * 64))  # fmt: skip
+    result, report = _audit(setup, other)
+    assert result.exit_code == 0, combined_output(result)  # the adapters themselves comply
+    assert report["provenance"]["status"] == "other policy"
+
+    def lie(claims):
+        name = next(iter(claims["frozen_tensor_digests"]))
+        claims["frozen_tensor_digests"][name][1] = "0" * 64
+
+    forged = _lora_with_claims(setup, tmp_path / "forged.safetensors", lie)
+    result, report = _audit(setup, forged)
+    assert result.exit_code == 7 and report["provenance"]["status"] == "forged"
+    assert _problems(report) == {"provenance": "forged provenance"}
+    assert "not the base's" in report["violations"][0]["detail"]
+    assert "FORGED" in combined_output(result)
+    # A full derivative's provenance file is read the same way.
     folder = tmp_path / "full"
     shutil.copytree(setup["root"] / "full" / "model", folder)
     claims = json.loads((folder / PROVENANCE_FILE).read_text())
     claims["base_fingerprint"]["unet"] = "f" * 64
     (folder / PROVENANCE_FILE).write_text(json.dumps(claims))
     result, report = _audit(setup, folder)
-    assert result.exit_code == 7 and "another base model" in report["violations"][0]["detail"]
+    assert result.exit_code == 0 and report["provenance"]["status"] == "other base"
+    (folder / PROVENANCE_FILE).write_text("{" * 10_000)
+    result, report = _audit(setup, folder)
+    assert result.exit_code == 7 and report["provenance"]["status"] == "forged"
+
+
+def test_without_base_the_provenances_base_is_used_if_it_is_here(setup, tmp_path):
+    trusted = ["--trusted", str(setup["pub"])]
+    result = CliRunner().invoke(app, ["audit", str(setup["root"] / "full"), *trusted])
+    assert result.exit_code == 0, combined_output(result)
+    assert str(setup["model"]) in combined_output(result)
+
+    def move(claims):
+        claims["base_model"] = "/nowhere/model"
+
+    elsewhere = _lora_with_claims(setup, tmp_path / "elsewhere.safetensors", move)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(setup["root"] / "lora" / LORA_FILE)), str(bare))
+    for derivative in (elsewhere, bare):
+        result = CliRunner().invoke(app, ["audit", str(derivative), *trusted])
+        assert result.exit_code == 2 and "--base" in combined_output(result), derivative
 
 
 def test_policy_that_does_not_verify_stops_the_audit(setup, tmp_path):
