@@ -14,25 +14,15 @@ import argparse
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from sd15 import write_unet
+from sd15 import best_of, write_unet
 
 from guardtune.tensorfile import read_header
 from guardtune.trust.fingerprint import fingerprint_records
-
-
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -19,13 +19,12 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from sd15 import write_unet
+from sd15 import best_of, write_unet
 
 from guardtune.models import load_pipeline
 from guardtune.resolve import EMBEDDED_DIR, ModelSource
@@ -35,15 +34,6 @@ from guardtune.trust.signing import generate_key, public_pem
 from guardtune.trust.verify import verify_policy
 
 CPU = torch.device("cpu")
-
-
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def write_model(folder: Path, dtype: torch.dtype) -> Path:

@@ -1,9 +1,11 @@
 """The public Stable Diffusion v1.5 UNet config, shared by the SD-size benchmarks.
 
 859,520,964 parameters in 686 tensors; `sample_size` only sets the default latent size.
-`write_unet` saves randomly initialised weights of that shape without building the model.
+`write_unet` saves randomly initialised weights of that shape without building the model;
+`best_of` times a call, keeping the fastest of a few runs.
 """
 
+import time
 from pathlib import Path
 
 import torch
@@ -32,3 +34,13 @@ def write_unet(path: Path, dtype: torch.dtype, config_dir: Path | None = None) -
     }
     save_file(state, str(path))
     return sum(t.numel() for t in state.values()), len(state)
+
+
+def best_of(repeats: int, run) -> float:
+    """The fastest of `repeats` timed calls of `run`, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)

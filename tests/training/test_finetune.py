@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,17 +191,18 @@ def test_killed_run_resumes_to_the_same_weights(guarded, data, tmp_path):
     assert reference.losses[-1] == resumed.losses[-1]
 
 
+CHECKPOINTED = TrainConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2)
+
+
+def _checkpointed_run(guarded, data, out: Path) -> Path:
+    """A finished 4-step run of CHECKPOINTED; its checkpoint at step 2."""
+    finetune(data, out, model=str(guarded), config=CHECKPOINTED, compare=False,
+             show_progress=False)  # fmt: skip
+    return out / "checkpoints" / "step-000002"
+
+
 def test_tampered_or_foreign_checkpoints_are_refused(guarded, data, tmp_path):
-    config = TrainConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2)
-    finetune(
-        data,
-        tmp_path / "run",
-        model=str(guarded),
-        config=config,
-        compare=False,
-        show_progress=False,
-    )
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    checkpoint = _checkpointed_run(guarded, data, tmp_path / "run")
     with pytest.raises(DataError, match="another run"):
         other = TrainConfig(steps=4, batch_size=2, lr=5e-4, checkpoint_every=2)
         finetune(data, tmp_path / "run", model=str(guarded), config=other, resume="latest",
@@ -210,8 +212,8 @@ def test_tampered_or_foreign_checkpoints_are_refused(guarded, data, tmp_path):
     data_bytes[-1] ^= 0xFF
     tensors.write_bytes(bytes(data_bytes))
     with pytest.raises(DataError, match="corrupt or was modified"):
-        finetune(data, tmp_path / "run", model=str(guarded), config=config, resume=str(checkpoint),
-                 compare=False, show_progress=False)  # fmt: skip
+        finetune(data, tmp_path / "run", model=str(guarded), config=CHECKPOINTED,
+                 resume=str(checkpoint), compare=False, show_progress=False)  # fmt: skip
 
 
 def test_two_process_ddp_run_keeps_frozen_tensors(guarded, data, tmp_path):
@@ -270,16 +272,7 @@ def test_generate_with_a_lora_file(runner, guarded, data, tmp_path):
 def test_checkpoint_smuggling_a_frozen_tensor_is_an_integrity_violation(guarded, data, tmp_path):
     import hashlib
 
-    config = TrainConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2)
-    finetune(
-        data,
-        tmp_path / "run",
-        model=str(guarded),
-        config=config,
-        compare=False,
-        show_progress=False,
-    )
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    checkpoint = _checkpointed_run(guarded, data, tmp_path / "run")
     tensors = load_file(str(checkpoint / "trainable.safetensors"))
     tensors["conv_in.weight"] = torch.zeros(_unet_state(guarded)["conv_in.weight"].shape)
     save_file(tensors, str(checkpoint / "trainable.safetensors"))
@@ -288,8 +281,8 @@ def test_checkpoint_smuggling_a_frozen_tensor_is_an_integrity_violation(guarded,
     state["files"]["trainable.safetensors"] = digest
     (checkpoint / "state.json").write_text(json.dumps(state))
     with pytest.raises(IntegrityError, match=r"unet\.conv_in\.weight"):
-        finetune(data, tmp_path / "run", model=str(guarded), config=config, resume=str(checkpoint),
-                 compare=False, show_progress=False)  # fmt: skip
+        finetune(data, tmp_path / "run", model=str(guarded), config=CHECKPOINTED,
+                 resume=str(checkpoint), compare=False, show_progress=False)  # fmt: skip
 
 
 def test_eight_bit_adamw_from_bitsandbytes(guarded, data, tmp_path):
