@@ -29,8 +29,9 @@ from PIL import Image, UnidentifiedImageError
 from guardtune.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Modes that convert to RGB without guessing; 16-bit, float and CMYK images are refused.
-ACCEPTED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+# Modes that convert to RGB without guessing (as diffusers' training scripts convert them);
+# 32-bit integer and float images are refused: their range is not known.
+ACCEPTED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L")
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -56,8 +57,23 @@ class FolderScan:
         return len({e.image_path for e in self.examples})
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _inside(path: Path, root: Path) -> Path:
+    """`path` if it is a regular file inside the data folder once links are followed.
+
+    Nothing outside the folder a user names is ever read, and special files (FIFOs, devices)
+    are refused before they are opened, since reading one can block forever.
+    """
+    real = path.resolve()
+    if root.resolve() not in real.parents:
+        raise DataError(f"{path} leads outside the data folder {root}; refused")
+    if not real.is_file():
+        raise DataError(f"{path} is not a regular file")
+    return path
+
+
+def _images_in(folder: Path, root: Path) -> list[Path]:
+    names = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [_inside(p, root) for p in names if not p.is_dir()]
 
 
 def check_image(path: Path) -> None:
@@ -66,6 +82,8 @@ def check_image(path: Path) -> None:
         with Image.open(path) as image:
             image.load()
             mode = image.mode
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: refused, too many pixels to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from error
     if mode not in ACCEPTED_MODES:
@@ -75,7 +93,17 @@ def check_image(path: Path) -> None:
         )
 
 
-def _read_caption(path: Path) -> str:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of an accepted mode. 16-bit grey keeps its top 8 bits: PIL's own conversion
+    clips every value above 255 to white."""
+    if image.mode.startswith("I;16"):
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def _read_caption(path: Path, root: Path) -> str:
+    _inside(path, root)
     try:
         caption = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
@@ -86,9 +114,14 @@ def _read_caption(path: Path) -> str:
 
 
 def _scan_metadata(root: Path, caption_column: str) -> list[Example]:
-    metadata = root / "metadata.jsonl"
+    metadata = _inside(root / "metadata.jsonl", root)
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"{error.reason} at byte {error.start}"
+        raise DataError(f"{metadata}: not UTF-8 text ({detail})") from None
     examples = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{metadata}:{number}"
@@ -96,6 +129,8 @@ def _scan_metadata(root: Path, caption_column: str) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from error
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict) or "file_name" not in record:
             raise DataError(f"{where}: record has no 'file_name'")
         caption = record.get(caption_column)
@@ -104,14 +139,17 @@ def _scan_metadata(root: Path, caption_column: str) -> list[Example]:
                 f"{where}: record has no caption in column '{caption_column}'",
                 hint="choose the column with --caption-column",
             )
-        image_path = root / str(record["file_name"])
-        if not image_path.is_file():
-            raise DataError(f"{where}: names {record['file_name']}, which does not exist")
-        examples.append(Example(image_path, caption.strip()))
+        name = record["file_name"]
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(f"{where}: file_name {name!r} is not a path inside the data folder")
+        image_path = root / name
+        if not image_path.exists():
+            raise DataError(f"{where}: names {name}, which does not exist")
+        examples.append(Example(_inside(image_path, root), caption.strip()))
     return examples
 
 
-def _scan_kohya(folders: list[Path]) -> list[Example]:
+def _scan_kohya(folders: list[Path], root: Path) -> list[Example]:
     examples = []
     for folder in folders:
         match = _KOHYA_FOLDER.match(folder.name)
@@ -119,12 +157,13 @@ def _scan_kohya(folders: list[Path]) -> list[Example]:
         repeats, class_name = int(match.group(1)), match.group(2).replace("_", " ").strip()
         if repeats < 1:
             raise DataError(f"{folder}: repeats must be at least 1")
-        images = _images_in(folder)
+        images = _images_in(folder, root)
         if not images:
             raise DataError(f"{folder}: class folder has no images")
         for image_path in images:
             caption_file = image_path.with_suffix(".txt")
-            caption = _read_caption(caption_file) if caption_file.exists() else class_name
+            exists = caption_file.exists() or caption_file.is_symlink()
+            caption = _read_caption(caption_file, root) if exists else class_name
             examples.extend([Example(image_path, caption)] * repeats)
     return examples
 
@@ -143,20 +182,20 @@ def scan_folder(
         if not instance_prompt.strip():
             raise DataError("--instance-prompt is empty")
         layout = "dreambooth"
-        examples = [Example(p, instance_prompt.strip()) for p in _images_in(root)]
+        examples = [Example(p, instance_prompt.strip()) for p in _images_in(root, root)]
     elif kohya_folders:
-        layout, examples = "kohya", _scan_kohya(kohya_folders)
+        layout, examples = "kohya", _scan_kohya(kohya_folders, root)
     else:
         layout = "captions"
         examples = []
-        for image_path in _images_in(root):
+        for image_path in _images_in(root, root):
             caption_file = image_path.with_suffix(".txt")
-            if not caption_file.exists():
+            if not (caption_file.exists() or caption_file.is_symlink()):
                 raise DataError(
                     f"{image_path}: no caption file {caption_file.name}",
                     hint="add captions, a metadata.jsonl, or pass --instance-prompt",
                 )
-            examples.append(Example(image_path, _read_caption(caption_file)))
+            examples.append(Example(image_path, _read_caption(caption_file, root)))
     if not examples:
         raise DataError(f"data folder {root} has no images", hint="add PNG or JPEG files")
     for image_path in sorted({e.image_path for e in examples}):
@@ -187,7 +226,7 @@ def check_folder(
 def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
     """RGB image to (3, R, R) in [-1, 1]: shorter side resized to R, then centre-cropped."""
     with Image.open(path) as image:
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     width, height = rgb.size
     scale = resolution / min(width, height)
     if scale != 1.0:

@@ -167,13 +167,11 @@ def test_metadata_line_that_is_not_json(runner, tmp_path):
     assert "metadata.jsonl:2" in combined_output(result)
 
 
-@pytest.mark.parametrize("mode", ["I;16", "F", "CMYK"])
+@pytest.mark.parametrize("mode", ["F", "I"])
 def test_wrong_image_mode_is_named(runner, tmp_path, mode):
-    suffix = ".jpg" if mode == "CMYK" else ".tiff" if mode == "F" else ".png"
-    path = tmp_path / f"odd{suffix}"
+    path = tmp_path / "odd.tiff"
     Image.new(mode, (8, 8)).save(path)
-    if suffix == ".tiff":  # TIFF is not an image suffix we read: name it .png via metadata
-        path = path.rename(tmp_path / "odd.png")
+    path = path.rename(tmp_path / "odd.png")  # TIFF is not a suffix we read: name it .png
     (tmp_path / "odd.txt").write_text("caption")
     result = _check(runner, tmp_path)
     assert result.exit_code == 3
@@ -253,3 +251,79 @@ def test_export_rejects_bad_options_with_exit_3_and_writes_nothing(runner, tmp_p
 def test_scan_error_is_a_data_error(tmp_path):
     with pytest.raises(DataError):
         scan_folder(tmp_path)
+
+
+# ------------------------------------------------------------------ hostile folders
+
+
+def _hostile_check(runner, folder):
+    result = _check(runner, folder)
+    return result.exit_code, combined_output(result)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/hostname", "sub/../../outside.png"])
+def test_metadata_cannot_name_files_outside_the_folder(runner, tmp_path, name):
+    _image(tmp_path / "outside.png")
+    _image(tmp_path / "data" / "a.png")
+    _metadata(tmp_path / "data", [{"file_name": name, "text": "x"}])
+    code, output = _hostile_check(runner, tmp_path / "data")
+    assert code == 3 and "not a path inside the data folder" in output
+
+
+def test_links_out_of_the_folder_are_refused_for_images_and_captions(runner, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a system file's contents")
+    data = tmp_path / "data"
+    _image(data / "a.png")
+    (data / "a.txt").symlink_to(secret)
+    code, output = _hostile_check(runner, data)
+    assert code == 3 and "leads outside the data folder" in output
+    assert "system file" not in output
+    (data / "a.txt").unlink()
+    (data / "a.txt").write_text("fine")
+    _image(tmp_path / "elsewhere.png")
+    (data / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    (data / "b.txt").write_text("fine")
+    code, output = _hostile_check(runner, data)
+    assert code == 3 and "b.png leads outside the data folder" in output
+    (data / "b.png").unlink()
+    (data / "b.png").symlink_to(data / "a.png")  # a link inside the folder is fine
+    code, output = _hostile_check(runner, data)
+    assert code == 0, output
+
+
+def test_a_fifo_caption_is_refused_not_opened(runner, tmp_path):
+    import os
+
+    _image(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "a.txt")  # opening it would block forever
+    code, output = _hostile_check(runner, tmp_path)
+    assert code == 3 and "not a regular file" in output
+
+
+def test_a_decompression_bomb_is_refused(runner, tmp_path):
+    Image.new("1", (30000, 30000)).save(tmp_path / "bomb.png")  # ~100 KB on disk
+    assert (tmp_path / "bomb.png").stat().st_size < 1_000_000
+    (tmp_path / "bomb.txt").write_text("caption")
+    code, output = _hostile_check(runner, tmp_path)
+    assert code == 3 and "bomb.png" in output and "too many pixels" in output
+
+
+def test_metadata_that_is_not_utf8_is_named(runner, tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "\xff\xfe"}\n')
+    code, output = _hostile_check(runner, tmp_path)
+    assert code == 3 and "metadata.jsonl: not UTF-8" in output
+
+
+def test_cmyk_jpegs_and_16_bit_pngs_are_converted_not_refused(runner, tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "red.jpg")  # red in CMYK
+    (tmp_path / "red.txt").write_text("red")
+    Image.new("I;16", (8, 8), 32768).save(tmp_path / "grey.png")  # mid-grey at 16 bits
+    (tmp_path / "grey.txt").write_text("grey")
+    code, output = _hostile_check(runner, tmp_path)
+    assert code == 0, output
+    dataset = ImageCaptionDataset(scan_folder(tmp_path), 8)
+    pixels = dict(zip(dataset.captions, dataset.pixels, strict=True))
+    assert pixels["red"][0].mean() > 0.9 and pixels["red"][1].mean() < -0.9
+    assert abs(float(pixels["grey"].mean())) < 0.05  # 128/255 in [-1, 1], not clipped to white

@@ -14,6 +14,7 @@ nothing of keys.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -145,13 +146,17 @@ def _hex_digest(value: Any, where: str) -> str:
     return value
 
 
+_UTC_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+
+
 def parse_time(value: str, where: str) -> datetime:
-    if not value.endswith("Z"):
-        raise PolicyError(f"{where} must be a UTC time ending in Z, e.g. 2026-01-31T12:00:00Z")
+    """An RFC 3339 UTC time, `2026-01-31T12:00:00Z`: nothing else (no offsets, no dates alone)."""
+    if not _UTC_TIME.fullmatch(value):
+        raise PolicyError(f"{where} must be a UTC time like 2026-01-31T12:00:00Z, got {value!r}")
     try:
         return datetime.fromisoformat(value[:-1]).replace(tzinfo=timezone.utc)
     except ValueError as error:
-        raise PolicyError(f"{where} is not an ISO 8601 time ({value!r})") from error
+        raise PolicyError(f"{where} is not a valid time ({value!r})") from error
 
 
 def utc_now() -> str:
@@ -225,9 +230,11 @@ def policy_from_dict(raw: Any) -> FreezePolicy:
     )
     for role, digest in prov["datasets"].items():
         _hex_digest(digest, f"policy.provenance.datasets.{role}")
-    parse_time(top["created_at"], "policy.created_at")
+    created = parse_time(top["created_at"], "policy.created_at")
     if top["expires_at"] is not None:
-        parse_time(top["expires_at"], "policy.expires_at")
+        expires = parse_time(top["expires_at"], "policy.expires_at")
+        if expires <= created:
+            raise PolicyError("policy.expires_at is not after policy.created_at")
     return FreezePolicy(
         schema_version=top["schema_version"],
         model=model,

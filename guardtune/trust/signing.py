@@ -71,7 +71,7 @@ def write_keypair(
     private_path = prefix.with_name(prefix.name + ".key")
     public_path = prefix.with_name(prefix.name + ".pub")
     for path in (private_path, public_path):
-        if path.exists():
+        if path.exists() or path.is_symlink():  # a dangling link would be written through
             raise DataError(f"{path} already exists; keys are never overwritten")
     key = generate_key(key_type)
     encryption: serialization.KeySerializationEncryption = (
@@ -82,12 +82,19 @@ def write_keypair(
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: never clobber a key that appeared meanwhile; 0600 from the first byte.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    atomic.write_bytes(public_path, public_pem(key.public_key()))
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never clobber a key that appeared meanwhile; 0600 from the first byte.
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        raise DataError(f"cannot create {private_path} ({error.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        atomic.write_bytes(public_path, public_pem(key.public_key()))
+    except OSError as error:
+        private_path.unlink(missing_ok=True)  # half a key pair is no key pair
+        raise DataError(f"cannot write the key pair at {prefix} ({error.strerror})") from None
     return private_path, public_path, key_id(key.public_key())
 
 
@@ -134,10 +141,14 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
 
 
 def load_public_key(path: Path) -> PublicKey:
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise DataError(f"public key {path} is not a regular file")
     try:
         data = path.read_bytes()
     except OSError as error:
         raise DataError(f"cannot read public key {path} ({error.strerror})") from error
+    if data.count(b"-----BEGIN") > 1:  # the PEM loader would read the first and drop the rest
+        raise DataError(f"{path} holds more than one key", hint="put one public key per file")
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as error:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from guardtune.contract import POLICY_FILE
 from guardtune.errors import PolicyError
 from guardtune.resolve import ModelSource, resolve_model
-from guardtune.trust.fingerprint import compare_fingerprints, fingerprint_model
+from guardtune.trust.fingerprint import compare_fingerprints, fingerprint_model, model_tensors
 from guardtune.trust.keys import load_trusted
-from guardtune.trust.policy import FreezePolicy
+from guardtune.trust.policy import FreezePolicy, parse_time
 from guardtune.trust.signing import Envelope, verify_envelope
 
 
@@ -73,6 +73,36 @@ def read_envelope(path: Path) -> Envelope:
     return Envelope.from_json(data, where=f"policy {path.name}")
 
 
+# How far a publisher's clock may run ahead of the verifier's.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _check_frozen(policy: FreezePolicy, source: ModelSource, path: Path) -> None:
+    """The frozen list names UNet tensors of the model, and its signed share is its true share.
+
+    One rule for every command: a policy that `finetune` or `audit` would refuse does not
+    verify either, and a share a reader would trust cannot differ from the list it summarises.
+    """
+    unet = policy.model.get("unet")
+    if unet is None:
+        raise PolicyError(f"policy {path.name} does not fingerprint a UNet")
+    outside = [n for n in policy.frozen_tensors if n not in unet.tensors]
+    if outside:
+        raise PolicyError(f"policy {path.name} freezes {outside[0]}, which is not a UNet tensor")
+    numel = {r.name: r.numel for r in model_tensors(source, ("unet",))["unet"]}
+    if set(numel) != set(unet.tensors):  # another model: the fingerprint says which tensor
+        return
+    frozen = set(policy.frozen_tensors)
+    parameters = sum(numel.get(n, 0) for n in frozen) / max(1, sum(numel.values()))
+    tensors = len(frozen) / max(1, len(numel))
+    share = policy.frozen_share
+    if abs(share.parameters - parameters) > 1e-6 or abs(share.tensors - tensors) > 1e-6:
+        raise PolicyError(
+            f"policy {path.name} states a frozen share of {share.parameters:.1%} of parameters, "
+            f"but its list freezes {parameters:.1%}"
+        )
+
+
 def verify_policy(
     model: str | ModelSource = "digits",
     policy_path: Path | None = None,
@@ -92,7 +122,11 @@ def verify_policy(
     policy = FreezePolicy.from_json(envelope.payload)
     if policy.is_expired(now):
         raise PolicyError(f"policy {path.name} expired at {policy.expires_at}")
+    current = now or datetime.now(timezone.utc)
+    if parse_time(policy.created_at, "created_at") > current + CLOCK_SKEW:
+        raise PolicyError(f"policy {path.name} was created in the future ({policy.created_at})")
     if fingerprint:
         actual = fingerprint_model(source, tuple(policy.model))  # a corrupt file: DataError
         compare_fingerprints(policy.model, actual)
+    _check_frozen(policy, source, path)
     return VerifiedPolicy(policy, path, signer.keyid, signer.source, source.label)

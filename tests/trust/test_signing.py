@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from guardtune.cli import app
-from guardtune.errors import PolicyError, SignatureError
+from guardtune.errors import DataError, PolicyError, SignatureError
 from guardtune.trust.signing import (
     Envelope,
     TrustedKey,
@@ -125,3 +125,29 @@ def test_unsupported_curve_is_refused(tmp_path):
     )
     with pytest.raises(SignatureError, match="P-256"):
         load_public_key(path)
+
+
+def test_keygen_through_a_dangling_link_or_under_a_file_is_exit_3_and_writes_nothing(
+    runner, tmp_path
+):
+    (tmp_path / "a.key").symlink_to(tmp_path / "nowhere")
+    result = runner.invoke(app, ["keygen", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 3 and "already exists" in combined_output(result)
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "a.pub").exists()
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(app, ["keygen", "--out", str(tmp_path / "file" / "k")])
+    assert result.exit_code == 3 and "cannot create" in combined_output(result)
+
+
+def test_a_public_key_file_must_hold_one_regular_key(tmp_path):
+    import os
+
+    from guardtune.trust.signing import generate_key, load_public_key, public_pem
+
+    two = tmp_path / "two.pub"
+    two.write_bytes(public_pem(generate_key().public_key()) * 2)
+    with pytest.raises(DataError, match="more than one key"):
+        load_public_key(two)
+    os.mkfifo(tmp_path / "fifo.pub")  # reading it would block forever
+    with pytest.raises(DataError, match="not a regular file"):
+        load_public_key(tmp_path / "fifo.pub")

@@ -1,5 +1,6 @@
 """The tamper matrix: every way to break the trust chain, each with its exit code."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,6 @@ from tests.conftest import combined_output
 from tests.policy_helpers import (
     edit_payload,
     fresh_key,
-    make_policy,
     signed_model,
     write_signed,
 )
@@ -167,10 +167,32 @@ def test_truncated_or_corrupt_safetensors(runner, setup, damage):
 
 
 def test_expired_policy(runner, setup):
-    expired = make_policy(setup["model"], expires_at="2020-01-01T00:00:00Z")
+    expired = dataclasses.replace(
+        setup["policy"], created_at="2019-01-01T00:00:00Z", expires_at="2020-01-01T00:00:00Z"
+    )
     sign_policy_file(expired, [setup["key"]], setup["path"])
     code, output = verify(runner, setup["model"])
     assert code == 4 and "expired" in output
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"created_at": "2099-01-01T00:00:00Z"}, "created in the future"),
+        ({"created_at": "2026-01-01T00:00:00+14:00Z"}, "must be a UTC time"),
+        ({"created_at": "2026-01-01"}, "must be a UTC time"),
+        ({"expires_at": "2025-01-01T00:00:00Z", "created_at": "2026-01-01T00:00:00Z"},
+         "not after policy.created_at"),
+        ({"frozen_tensors": []}, "frozen share of"),
+        ({"frozen_share": {"parameters": 0.5, "tensors": 0.01}}, "frozen share of 50.0%"),
+        ({"frozen_tensors": ["text_encoder.embeddings.token_embedding.weight"]},
+         "which is not a UNet tensor"),
+    ],
+)  # fmt: skip
+def test_signed_fields_must_make_sense(runner, setup, changes, message):
+    write_signed(setup["path"], edit_payload(setup["policy"], **changes), setup["key"])
+    code, output = verify(runner, setup["model"])
+    assert code == 4 and message in output, output
 
 
 def test_wrong_payload_type(runner, setup):
