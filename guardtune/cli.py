@@ -298,7 +298,7 @@ def policy_sign(
     variant: VariantOption = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Where to write (default: guardtune-policy.json in the model)."),
+        typer.Option(help="Where to write (default: beside the model folder's model_index.json)."),
     ] = None,
     expires: Annotated[
         str | None, typer.Option(help="Expiry, UTC ISO 8601, e.g. 2027-12-31T00:00:00Z.")

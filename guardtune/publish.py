@@ -34,7 +34,7 @@ from guardtune.trust.build import sign_policy
 from guardtune.trust.fingerprint import fingerprint_model
 from guardtune.trust.policy import Provenance
 from guardtune.trust.signing import PrivateKey
-from guardtune.trust.verify import default_policy_path
+from guardtune.trust.verify import policy_output_path
 
 METHODS = ("freezeasguard", "random")
 
@@ -103,7 +103,7 @@ def publish(
     if not illegal or not legal:
         raise DataError("publish needs at least one --illegal and one --legal data folder")
     source = resolve_model(model, model_config)
-    target = out or default_policy_path(source)
+    target = policy_output_path(source, out)
     illegal_scan = _merge([scan_folder(p, caption_column) for p in illegal])
     legal_scan = _merge([scan_folder(p, caption_column) for p in legal])
     if config.relearn_steps < 1 or config.rounds < 1 or config.user_steps < 1:

@@ -34,6 +34,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from guardtune import atomic
+from guardtune.contract import POLICY_FILE
 from guardtune.digits.bpe import write_clip_tokenizer
 from guardtune.digits.classifier import ASSET as CLASSIFIER_ASSET
 from guardtune.digits.classifier import recognition, save_classifier, train_classifier
@@ -366,8 +367,9 @@ def publish_policy(work: Path = Path("runs") / "embedded-policy", key_path: Path
     illegal = export_digits(work / "data" / "7-9", POLICY_ILLEGAL, "train", overwrite=True).out
     legal = export_digits(work / "data" / "bold-0-6", BASE_CLASSES, "train", "bold", True).out
     shutil.rmtree(work / "learn", ignore_errors=True)
+    # The one deliberate write into the package: the maintainers' rebuild of what it ships.
     result = publish([illegal], [legal], [key], "digits", config=LearnerConfig(ratio=POLICY_RATIO),
-                     workdir=work / "learn")  # fmt: skip
+                     out=EMBEDDED_DIR / POLICY_FILE, workdir=work / "learn")  # fmt: skip
     atomic.write_bytes(POLICY_PUBLIC, public_pem(key.public_key()))
     assert result is not None  # one process: it is the main one
     if result.curve is not None:  # the PNG stays out of the package: only weights are binaries

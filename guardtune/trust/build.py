@@ -30,7 +30,7 @@ from guardtune.trust.policy import (
     utc_now,
 )
 from guardtune.trust.signing import PrivateKey, key_id, load_private_key, sign_payload
-from guardtune.trust.verify import default_policy_path
+from guardtune.trust.verify import policy_output_path
 
 _CSV_TOKEN = re.compile(r"[\s,;]+")
 
@@ -179,6 +179,6 @@ def sign_mask(
     if expires_at is not None:
         parse_time(expires_at, "--expires")
     keys = [load_private_key(path) for path in key_files]
-    target = out or default_policy_path(source)
+    target = policy_output_path(source, out)
     provenance = Provenance(method, {"mask_file": mask.name})
     return sign_policy(source, read_mask(mask, source), provenance, keys, target, expires_at)

@@ -115,6 +115,8 @@ def strict_json_loads(data: bytes | str, what: str) -> Any:
         return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PolicyError(f"{what} is not valid JSON ({error})") from error
+    except RecursionError:  # Python's parser gives up on very deep nesting
+        raise PolicyError(f"{what} is nested too deeply to be a policy") from None
 
 
 def _fields(value: Any, where: str, required: dict[str, type | tuple[type, ...]]) -> dict:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from guardtune.contract import POLICY_FILE
-from guardtune.errors import PolicyError
+from guardtune.errors import DataError, PolicyError
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.trust.fingerprint import compare_fingerprints, fingerprint_model, model_tensors
 from guardtune.trust.keys import load_trusted
@@ -59,6 +59,27 @@ def default_policy_path(source: ModelSource) -> Path:
         raise PolicyError(
             f"a single-file model ({source.path.name}) has no policy beside it",
             hint="pass --policy",
+        )
+    return source.path / POLICY_FILE
+
+
+def policy_output_path(source: ModelSource, out: Path | None) -> Path:
+    """Where a new policy goes: `out`, or beside the model's model_index.json.
+
+    Never into guardtune's own package by default: the embedded model's folder is part of
+    the installation, and a policy written there would replace the one it ships.
+    """
+    if out is not None:
+        return Path(out)
+    if source.kind == "embedded":
+        raise DataError(
+            "the embedded model lives inside guardtune's package; its policy is not rewritten",
+            hint="pass --out for the new policy",
+        )
+    if source.kind == "single_file":
+        raise PolicyError(
+            f"a single-file model ({source.path.name}) has no folder to hold a policy",
+            hint="pass --out",
         )
     return source.path / POLICY_FILE
 

@@ -55,3 +55,18 @@ def test_policy_sign_refuses_unknown_tensors_with_exit_4(runner, tmp_path):
     assert result.exit_code == 4
     assert "unet.not_a_tensor" in combined_output(result)
     assert not (model / "guardtune-policy.json").exists()
+
+
+def test_nothing_is_signed_into_the_installed_package_by_default(runner, tmp_path):
+    from guardtune.resolve import EMBEDDED_DIR
+
+    shipped = (EMBEDDED_DIR / "guardtune-policy.json").read_bytes()
+    assert runner.invoke(app, ["keygen", "--out", str(tmp_path / "k")]).exit_code == 0
+    (tmp_path / "mask.txt").write_text("conv_in.weight\n")
+    args = ["policy", "sign", "--mask", str(tmp_path / "mask.txt")]
+    args += ["--key", str(tmp_path / "k.key")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3 and "--out" in combined_output(result)
+    assert (EMBEDDED_DIR / "guardtune-policy.json").read_bytes() == shipped
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 0 and (tmp_path / "p.json").is_file()

@@ -244,3 +244,9 @@ def test_golden_policy_of_this_version_still_verifies(runner, monkeypatch, tmp_p
     ]
     code, output = verify(runner, EMBEDDED_DIR, *args)
     assert code == 0, output
+
+
+def test_a_deeply_nested_policy_file_is_exit_4(runner, setup):
+    setup["path"].write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    code, output = verify(runner, setup["model"])
+    assert code == 4 and "nested too deeply" in output
