@@ -77,8 +77,9 @@ def guardtune_loop(data: Path, steps: int, batch_size: int, out: Path) -> dict:
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-5)
     with RssSampler() as sampler:
-        result = finetune(data, out, no_policy=True, config=config, compare=False,
-                          show_progress=False)  # fmt: skip
+        # Both sides train every tensor: the embedded model's policy is set aside on purpose.
+        result = finetune(data, out, no_policy=True, ignore_shipped_policy=True, config=config,
+                          compare=False, show_progress=False)  # fmt: skip
     return {"step_s": result.step_time_s, "peak_bytes": sampler.peak}
 
 

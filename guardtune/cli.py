@@ -433,6 +433,13 @@ def finetune(
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     no_policy: Annotated[bool, typer.Option(help="Train a model that has no policy.")] = False,
+    ignore_shipped_policy: Annotated[
+        bool,
+        typer.Option(
+            help="Train a model that ships a policy without it (--no-policy) or with another "
+            "(--policy); recorded in the run's provenance."
+        ),
+    ] = False,
     lora: Annotated[
         bool, typer.Option(help="Train LoRA adapters instead of full weights.")
     ] = False,
@@ -478,7 +485,8 @@ def finetune(
     def action() -> TrainResult:
         result = run_finetune(
             data, out, model=_source(model, model_config, revision, variant), policy=policy,
-            trusted=tuple(trusted or ()), no_policy=no_policy, config=config,
+            trusted=tuple(trusted or ()), no_policy=no_policy,
+            ignore_shipped_policy=ignore_shipped_policy, config=config,
             caption_column=caption_column, instance_prompt=instance_prompt,
             class_data=class_data, class_prompt=class_prompt, resume=resume, compare=compare,
         )  # fmt: skip

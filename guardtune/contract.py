@@ -67,7 +67,10 @@ _PROVENANCE_FIELDS: dict[str, tuple[type, ...]] = {
     "config": (dict,),
     "mode": (str,),
     "frozen_tensor_digests": (dict,),
+    "ignored_policy_sha256": (str, type(None)),
 }
+# Fields a record written before they existed may lack.
+_OPTIONAL = {"ignored_policy_sha256"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class RunProvenance:
     config: dict[str, Any]
     mode: str  # "full" or "lora"
     frozen_tensor_digests: dict[str, tuple[str, str]]
+    # sha256 of the model's own policy when the run set it aside (--ignore-shipped-policy)
+    ignored_policy_sha256: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -103,6 +108,8 @@ class RunProvenance:
         if not isinstance(raw, dict):
             raise ValueError("provenance is not an object")
         for name, types in _PROVENANCE_FIELDS.items():
+            if name not in raw and name in _OPTIONAL:
+                continue
             if name not in raw:
                 raise ValueError(f"provenance has no {name}")
             if not isinstance(raw[name], types):

@@ -174,6 +174,8 @@ def render_finetune(result: TrainResult) -> None:
         f"{result.policy} ({trusted_by})" if result.policy else "[yellow]none (--no-policy)[/]"
     )
     rows = [("output", str(result.out)), ("mode", result.mode), ("policy", policy_row)]
+    if result.ignored_policy is not None:
+        rows += [("[bold yellow]set aside[/]", f"the model's own policy {result.ignored_policy}")]
     resumed = f" (resumed at {result.resumed_from})" if result.resumed_from else ""
     rows += [("steps", f"{result.steps}{resumed}")]
     rows += [("final loss", f"{result.final_loss:.4f}")]

@@ -77,8 +77,9 @@ class Finding:
 class ProvenanceCheck:
     """What a derivative's provenance claims, against the base and policy audited with.
 
-    `status`: absent; consistent; other base or other policy (it was made from something
-    else, which is no lie: the tensors decide compliance); forged (it names this base and
+    `status`: absent; consistent; other base, other policy or shipped policy ignored (made
+    from something else, or knowingly without the base's own policy: no lie, and the tensors
+    decide compliance); forged (it names this base and
     policy but lies about the signer, the frozen tensors or their digests, or is not a
     readable record). Only a forged provenance is a violation.
     """
@@ -255,7 +256,7 @@ def _combined(checks: list[ProvenanceCheck]) -> ProvenanceCheck:
     wheres = ", ".join(dict.fromkeys(c.where for c in present if c.where))
     problems = tuple(p for c in present for p in c.problems)
     # The worst of the artefacts' statuses speaks for the derivative.
-    order = ("forged", "other base", "other policy", "consistent")
+    order = ("forged", "shipped policy ignored", "other base", "other policy", "consistent")
     status = min((c.status for c in present), key=order.index)
     return ProvenanceCheck(True, status == "consistent", wheres or None, problems, status)
 
@@ -479,6 +480,12 @@ def check_provenance(found: Derivative, verified: VerifiedPolicy) -> ProvenanceC
         return ProvenanceCheck(True, False, where, (str(error),), "forged")
     policy = verified.policy
     roots = {component: fp.root for component, fp in policy.model.items()}
+    ignored = claims.ignored_policy_sha256
+    if (
+        ignored is not None
+        and ignored == hashlib.sha256(verified.policy_path.read_bytes()).hexdigest()
+    ):
+        return ProvenanceCheck(True, False, where, (), "shipped policy ignored")
     if claims.base_fingerprint != roots:
         return ProvenanceCheck(True, False, where, (), "other base")
     if claims.policy_sha256 != hashlib.sha256(policy.to_json()).hexdigest():

@@ -36,7 +36,7 @@ from guardtune.contract import (
 from guardtune.data import ImageCaptionDataset, scan_folder
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
-from guardtune.errors import DataError
+from guardtune.errors import DataError, PolicyError
 from guardtune.models import load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -72,6 +72,7 @@ class TrainResult:
     losses: tuple[float, ...] = field(default=())
     savings: SavingsReport | None = None
     processes: int = 1
+    ignored_policy: Path | None = None  # the model's own policy, set aside on request
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -89,6 +90,7 @@ def finetune(
     policy: Path | None = None,
     trusted: tuple[Path, ...] = (),
     no_policy: bool = False,
+    ignore_shipped_policy: bool = False,
     config: TrainConfig = TrainConfig(),
     caption_column: str = "text",
     instance_prompt: str | None = None,
@@ -117,6 +119,7 @@ def finetune(
 
     # Verify: nothing is loaded for training before the policy verified (fail closed).
     source: ModelSource = resolve_model(model, model_config)
+    ignored = _set_aside(source, policy, no_policy, ignore_shipped_policy)
     verified: VerifiedPolicy | None = None
     if not no_policy:
         # A folder's weights are bound where they are loaded (below), in one read; other
@@ -263,6 +266,7 @@ def finetune(
         config=asdict(config),
         mode=mode,
         frozen_tensor_digests=dict(guard.entries) if guard else {},
+        ignored_policy_sha256=hashlib.sha256(ignored.read_bytes()).hexdigest() if ignored else None,
     )
     if accelerator.is_main_process:
         write_output(out, pipeline, unet, config.lora, provenance, verified)
@@ -295,7 +299,34 @@ def finetune(
         losses=tuple(losses),
         savings=savings,
         processes=world,
+        ignored_policy=ignored,
     )
+
+
+def _set_aside(
+    source: ModelSource, policy: Path | None, no_policy: bool, ignore_shipped: bool
+) -> Path | None:
+    """The model's own policy, if this run trains without it; PolicyError unless asked to.
+
+    Training a model that ships a policy with none (`--no-policy`), or with a different one
+    (`--policy`), is a choice that must be named (`--ignore-shipped-policy`): the run then
+    records it in its provenance, and `audit` reports it.
+    """
+    shipped = source.path / POLICY_FILE if source.kind in ("embedded", "folder") else None
+    if shipped is None or not shipped.is_file():
+        return None
+    if not no_policy:
+        if policy is None or not Path(policy).is_file():
+            return None  # the shipped policy, or a path that verification refuses by name
+        if Path(policy).read_bytes() == shipped.read_bytes():
+            return None
+    if not ignore_shipped:
+        instead = "no policy" if no_policy else f"the policy {policy}"
+        raise PolicyError(
+            f"{source.label} ships its own policy; training it with {instead} sets that aside",
+            hint="pass --ignore-shipped-policy to do so on purpose (the provenance records it)",
+        )
+    return shipped
 
 
 def write_output(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -114,6 +115,40 @@ def test_model_without_policy_needs_no_policy_flag(runner, data, tmp_path):
     code, output = _cli(runner, data, "--model", model, "--out", tmp_path / "b", "--no-policy")
     assert code == 0, output
     assert "none (--no-policy)" in output
+
+
+def test_setting_a_shipped_policy_aside_must_be_named_and_is_recorded(runner, guarded, data,
+                                                                     tmp_path):  # fmt: skip
+    from guardtune.resolve import ModelSource
+    from guardtune.trust.build import build_policy, sign_policy_file
+    from guardtune.trust.policy import Provenance
+    from guardtune.trust.signing import generate_key, public_pem
+
+    # Another trusted signer's policy freezing one tensor, passed instead of the shipped one.
+    other_key = generate_key()
+    (tmp_path / "trusted" / "other.pub").write_bytes(public_pem(other_key.public_key()))
+    lax = build_policy(ModelSource("folder", guarded), ["unet.conv_in.weight"], Provenance("m"))
+    sign_policy_file(lax, [other_key], tmp_path / "lax.json")
+    for bypass in (["--no-policy"], ["--policy", tmp_path / "lax.json"]):
+        code, output = _cli(runner, data, "--model", guarded, "--out", tmp_path / "a", *bypass)
+        assert code == 4 and "--ignore-shipped-policy" in output, bypass
+        assert not (tmp_path / "a").exists()
+    code, output = _cli(runner, data, "--model", guarded, "--out", tmp_path / "b", "--no-policy",
+                        "--ignore-shipped-policy")  # fmt: skip
+    assert code == 0, output
+    assert "set aside" in output
+    provenance = json.loads((tmp_path / "b" / PROVENANCE_FILE).read_text())
+    shipped = (guarded / "guardtune-policy.json").read_bytes()
+    assert provenance["ignored_policy_sha256"] == hashlib.sha256(shipped).hexdigest()
+    report = tmp_path / "audit.json"
+    result = runner.invoke(app, ["audit", str(tmp_path / "b"), "--base", str(guarded),
+                                 "--json", str(report)])  # fmt: skip
+    assert result.exit_code == 7  # every tensor trained: the frozen ones moved
+    assert json.loads(report.read_text())["provenance"]["status"] == "shipped policy ignored"
+    # The shipped policy passed explicitly is no bypass.
+    code, output = _cli(runner, data, "--model", guarded, "--out", tmp_path / "c",
+                        "--policy", guarded / "guardtune-policy.json")  # fmt: skip
+    assert code == 0, output
 
 
 def test_untrusted_and_mismatched_policies_are_refused(
@@ -270,8 +305,6 @@ def test_generate_with_a_lora_file(runner, guarded, data, tmp_path):
 
 
 def test_checkpoint_smuggling_a_frozen_tensor_is_an_integrity_violation(guarded, data, tmp_path):
-    import hashlib
-
     checkpoint = _checkpointed_run(guarded, data, tmp_path / "run")
     tensors = load_file(str(checkpoint / "trainable.safetensors"))
     tensors["conv_in.weight"] = torch.zeros(_unet_state(guarded)["conv_in.weight"].shape)
