@@ -1,11 +1,12 @@
 """The on-disk contract: every file name, metadata key and record that two modules share.
 
 What `finetune` writes, `audit` reads; what `publish` and `policy sign` write, `verify` reads.
-Each such name is spelled here once, with the record type both sides use (`RunProvenance`),
-so a writer and its reader cannot drift apart. Also here: which files of a model folder hold
-weights, the components whose tensors a policy fingerprints, the key prefix of original
-(LDM) Stable Diffusion checkpoints, and the default device. Imported by the trust chain, the
-enforcement and the recipes; it imports nothing of guardtune's but the errors.
+Each such name is spelled here once, with the record type both sides use (`RunProvenance`), so a
+writer and its reader cannot drift apart. Also here: which files of a model folder hold weights
+and that a file named by a user stays in its folder, the components whose tensors a policy
+fingerprints, the key prefix of original (LDM) Stable Diffusion checkpoints, and the default
+device. Imported by the trust chain, the enforcement and the recipes; it imports nothing of
+guardtune's but the errors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from guardtune.errors import DataError
 
 PACKAGE_DIR = Path(__file__).parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -44,6 +47,21 @@ def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     files = sorted(Path(folder).glob("*.safetensors"))
     variants = [f for f in files if any(infix in f.name for infix in VARIANT_INFIXES)]
     return [f for f in files if f not in variants], variants
+
+
+def regular_file_inside(path: Path, real_root: Path, outside: str) -> Path:
+    """The resolved `path`, if it is a regular file that stays inside `real_root` (a resolved
+    folder) once links are followed; DataError otherwise, `outside` saying what leaving it means.
+
+    Paths from users' files never leave the folder they came from, and special files (FIFOs,
+    devices) are refused before anything opens them: reading one can block forever.
+    """
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise DataError(f"{path} {outside}")
+    if not real.is_file():
+        raise DataError(f"{path} is not a regular file")
+    return real
 
 
 def default_device() -> torch.device:

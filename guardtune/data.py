@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from guardtune.contract import regular_file_inside
 from guardtune.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -58,16 +59,8 @@ class FolderScan:
 
 
 def _inside(path: Path, root: Path) -> Path:
-    """`path` if it is a regular file inside the data folder once links are followed.
-
-    Nothing outside the folder a user names is ever read, and special files (FIFOs, devices)
-    are refused before they are opened, since reading one can block forever.
-    """
-    real = path.resolve()
-    if root.resolve() not in real.parents:
-        raise DataError(f"{path} leads outside the data folder {root}; refused")
-    if not real.is_file():
-        raise DataError(f"{path} is not a regular file")
+    """`path` if it is a regular file inside the data folder once links are followed."""
+    regular_file_inside(path, root.resolve(), f"leads outside the data folder {root}; refused")
     return path
 
 

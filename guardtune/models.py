@@ -27,11 +27,10 @@ from guardtune.resolve import (
     resolve_model,
 )
 from guardtune.trust.fingerprint import (
-    ALGORITHM,
     ComponentFingerprint,
     compare_fingerprints,
+    fingerprint_of,
     read_and_hash,
-    root_digest,
 )
 
 
@@ -131,9 +130,7 @@ def _build_model(part: ComponentManifest, folder: Path, dtype: torch.dtype):
         else:
             module = model_class(model_class.config_class.from_dict(config))
     tensors, digests = read_and_hash(part.tensors)
-    fingerprint = ComponentFingerprint(
-        ALGORITHM, root_digest(digests), dict(sorted(digests.items()))
-    )
+    fingerprint = fingerprint_of(digests)
     prefix = f"{part.name}."
     state = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
     expected = module.state_dict().keys()

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardtune.contract import ASSETS_DIR
+from guardtune.contract import ASSETS_DIR, regular_file_inside
 from guardtune.errors import DataError
 from guardtune.tensorfile import TensorRecord, read_header, renamed
 
@@ -169,7 +169,7 @@ CLASSES = {
     "text_encoder": ("transformers", ("CLIPTextModel",)),
     "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
 }
-# Weight file stem and whether a sharded index wins over a single file, per library.
+# The name stem of the weight files, per library.
 WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".gguf", ".msgpack", ".h5", ".onnx")
@@ -289,12 +289,9 @@ def resolve_folder(
 
 def _inside(path: Path, real_root: Path) -> Path:
     """The regular file `path`, following a link only when it stays inside the model folder."""
-    real = path.resolve()
-    if real != real_root and real_root not in real.parents:
-        raise DataError(f"{path} links outside the model folder; guardtune refuses it")
-    if not real.is_file():
-        raise DataError(f"{path} is not a regular file")
-    return real
+    return regular_file_inside(
+        path, real_root, "links outside the model folder; guardtune refuses it"
+    )
 
 
 def _read_config(root: Path, real_root: Path, name: str) -> ConfigFile:

@@ -105,17 +105,11 @@ def build_policy(
             f"mask names {unknown[0]}, which is not a UNet tensor of this model "
             f"({len(unknown)} unknown names)"
         )
-    numel = {name: r.numel for name, r in unet.items()}
-    frozen_parameters = sum(numel[n] for n in frozen)
-    total_parameters = sum(numel.values())
     return FreezePolicy(
         schema_version=SCHEMA_VERSION,
         model={name: fingerprint_records(part) for name, part in records.items()},
         frozen_tensors=tuple(frozen),
-        frozen_share=FrozenShare(
-            parameters=round(frozen_parameters / total_parameters, 6),
-            tensors=round(len(frozen) / len(unet), 6),
-        ),
+        frozen_share=FrozenShare.of({name: r.numel for name, r in unet.items()}, frozen),
         provenance=Provenance(
             provenance.method,
             provenance.hyperparameters,

@@ -82,8 +82,12 @@ def fingerprint_records(records: list[TensorRecord]) -> ComponentFingerprint:
     names = [r.name for r in records]
     if len(set(names)) != len(names):
         raise DataError("duplicate tensor names across the component's files")
-    tensors = hash_records(records)
-    return ComponentFingerprint(ALGORITHM, root_digest(tensors), dict(sorted(tensors.items())))
+    return fingerprint_of(hash_records(records))
+
+
+def fingerprint_of(digests: dict[str, str]) -> ComponentFingerprint:
+    """A component's fingerprint from its tensors' digests."""
+    return ComponentFingerprint(ALGORITHM, root_digest(digests), dict(sorted(digests.items())))
 
 
 def model_tensors(
@@ -117,10 +121,14 @@ def fingerprint_model(
     source: ModelSource, components: Iterable[str] = COMPONENTS
 ) -> dict[str, ComponentFingerprint]:
     """Fingerprint each component of a model as stored on disk."""
-    return {
-        name: fingerprint_records(records)
-        for name, records in model_tensors(source, components).items()
-    }
+    return fingerprint_components(model_tensors(source, components))
+
+
+def fingerprint_components(
+    records: dict[str, list[TensorRecord]],
+) -> dict[str, ComponentFingerprint]:
+    """Fingerprint each component's records (as `model_tensors` lists them)."""
+    return {name: fingerprint_records(part) for name, part in records.items()}
 
 
 def fingerprint_state_dict(component: str, state: dict[str, torch.Tensor]) -> ComponentFingerprint:
@@ -133,7 +141,7 @@ def fingerprint_state_dict(component: str, state: dict[str, torch.Tensor]) -> Co
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         name = f"{component}.{key}"
         tensors[name] = tensor_digest(name, dtype, tuple(tensor.shape), raw.data)
-    return ComponentFingerprint(ALGORITHM, root_digest(tensors), dict(sorted(tensors.items())))
+    return fingerprint_of(tensors)
 
 
 def read_and_hash(

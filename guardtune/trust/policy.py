@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -32,6 +33,13 @@ class FrozenShare:
 
     parameters: float
     tensors: float
+
+    @classmethod
+    def of(cls, numel: dict[str, int], frozen: Iterable[str]) -> FrozenShare:
+        """The share `frozen` is of the UNet tensors in `numel` (rounded as signed: 6 places)."""
+        frozen = set(frozen)
+        parameters = sum(numel.get(name, 0) for name in frozen) / max(1, sum(numel.values()))
+        return cls(round(parameters, 6), round(len(frozen) / max(1, len(numel)), 6))
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,14 @@ from pathlib import Path
 from guardtune.contract import POLICY_FILE
 from guardtune.errors import DataError, PolicyError
 from guardtune.resolve import ModelSource, resolve_model
-from guardtune.trust.fingerprint import compare_fingerprints, fingerprint_model, model_tensors
+from guardtune.tensorfile import TensorRecord
+from guardtune.trust.fingerprint import (
+    compare_fingerprints,
+    fingerprint_components,
+    model_tensors,
+)
 from guardtune.trust.keys import load_trusted
-from guardtune.trust.policy import FreezePolicy, parse_time
+from guardtune.trust.policy import FreezePolicy, FrozenShare, parse_time
 from guardtune.trust.signing import Envelope, verify_envelope
 
 
@@ -98,7 +103,7 @@ def read_envelope(path: Path) -> Envelope:
 CLOCK_SKEW = timedelta(minutes=5)
 
 
-def _check_frozen(policy: FreezePolicy, source: ModelSource, path: Path) -> None:
+def _check_frozen(policy: FreezePolicy, unet_records: list[TensorRecord], path: Path) -> None:
     """The frozen list names UNet tensors of the model, and its signed share is its true share.
 
     One rule for every command: a policy that `finetune` or `audit` would refuse does not
@@ -110,17 +115,17 @@ def _check_frozen(policy: FreezePolicy, source: ModelSource, path: Path) -> None
     outside = [n for n in policy.frozen_tensors if n not in unet.tensors]
     if outside:
         raise PolicyError(f"policy {path.name} freezes {outside[0]}, which is not a UNet tensor")
-    numel = {r.name: r.numel for r in model_tensors(source, ("unet",))["unet"]}
+    numel = {r.name: r.numel for r in unet_records}
     if set(numel) != set(unet.tensors):  # another model: the fingerprint says which tensor
         return
-    frozen = set(policy.frozen_tensors)
-    parameters = sum(numel.get(n, 0) for n in frozen) / max(1, sum(numel.values()))
-    tensors = len(frozen) / max(1, len(numel))
-    share = policy.frozen_share
-    if abs(share.parameters - parameters) > 1e-6 or abs(share.tensors - tensors) > 1e-6:
+    actual, share = FrozenShare.of(numel, policy.frozen_tensors), policy.frozen_share
+    if (
+        abs(share.parameters - actual.parameters) > 1e-6
+        or abs(share.tensors - actual.tensors) > 1e-6
+    ):
         raise PolicyError(
             f"policy {path.name} states a frozen share of {share.parameters:.1%} of parameters, "
-            f"but its list freezes {parameters:.1%}"
+            f"but its list freezes {actual.parameters:.1%}"
         )
 
 
@@ -146,8 +151,8 @@ def verify_policy(
     current = now or datetime.now(timezone.utc)
     if parse_time(policy.created_at, "created_at") > current + CLOCK_SKEW:
         raise PolicyError(f"policy {path.name} was created in the future ({policy.created_at})")
+    records = model_tensors(source, tuple(policy.model))  # a corrupt file: DataError
     if fingerprint:
-        actual = fingerprint_model(source, tuple(policy.model))  # a corrupt file: DataError
-        compare_fingerprints(policy.model, actual)
-    _check_frozen(policy, source, path)
+        compare_fingerprints(policy.model, fingerprint_components(records))
+    _check_frozen(policy, records.get("unet", []), path)
     return VerifiedPolicy(policy, path, signer.keyid, signer.source, source.label)
