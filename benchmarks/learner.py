@@ -4,7 +4,7 @@ One mask-update cycle (its simulated-user steps plus the mask step) against the 
 plain fine-tune steps (fused AdamW) on the same UNet and batch, each in its own process, on the
 embedded model and on an SD v1.5-size UNet at small latents. Targets: time at most 1.15x, peak
 memory at most 1.3x. Both sides run with the CPU allocator setting guardtune uses
-(THP_MEM_ALLOC_ENABLE=1, see guardtune/__init__.py); `--small-pages` runs both without it.
+(THP_MEM_ALLOC_ENABLE=1, see guardtune/runtime.py); `--small-pages` runs both without it.
 
     .venv/bin/python benchmarks/learner.py [--cycles 6] [--skip-sd]
 """
@@ -133,4 +133,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from guardtune.runtime import configure_process
+
+    configure_process()  # as the CLI does: offline, quiet, huge pages
     main()

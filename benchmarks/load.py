@@ -87,7 +87,7 @@ def main() -> None:
             def bound(folder=folder, trusted=trusted):
                 verified = verify(folder, trusted, fingerprint=False)  # the loader binds
                 load_pipeline(str(folder), device=CPU, dtype=torch.float32,
-                              expected=verified.policy.model)  # fmt: skip
+                              expected=verified.policy.binding)  # fmt: skip
 
             plain()  # warm the page cache and the imports for both sides
             diffusers_s = best_of(args.repeats, plain)
@@ -109,4 +109,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from guardtune.runtime import configure_process
+
+    configure_process()  # as the CLI does: offline, quiet, huge pages
     main()

@@ -161,4 +161,7 @@ def summary(results: dict[float, EvaluationResult]) -> Table:
 
 
 if __name__ == "__main__":
+    from guardtune.runtime import configure_process
+
+    configure_process()  # as the CLI does: offline, quiet, huge pages
     main()

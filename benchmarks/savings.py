@@ -111,4 +111,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from guardtune.runtime import configure_process
+
+    configure_process()  # as the CLI does: offline, quiet, huge pages
     main()

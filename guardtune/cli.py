@@ -36,6 +36,7 @@ from guardtune.render import (
     render_policy_verify,
     render_publish,
 )
+from guardtune.runtime import configure_process
 
 if TYPE_CHECKING:
     from guardtune.digits.dataset import ExportReport
@@ -145,6 +146,7 @@ def main(
     """guardtune: publish signed freeze policies, fine-tune under them, audit derivatives."""
     global _debug
     _debug = debug
+    configure_process()  # before any command imports the model libraries
 
 
 def _new_passphrase() -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from guardtune.errors import DataError
+from guardtune.errors import DataError, GuardtuneError
 
 PACKAGE_DIR = Path(__file__).parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -62,6 +62,31 @@ def regular_file_inside(path: Path, real_root: Path, outside: str) -> Path:
     if not real.is_file():
         raise DataError(f"{path} is not a regular file")
     return real
+
+
+# The most a small file a user names (a policy, a mask, a key, a provenance record) may hold:
+# far above any real one, far below what would exhaust memory when read whole.
+SMALL_FILE_LIMIT = 64 << 20
+
+
+def read_small_file(
+    path: Path, what: str, error: type[GuardtuneError] = DataError, limit: int = SMALL_FILE_LIMIT
+) -> bytes:
+    """The bytes of a small file a user names; `error` if it is not a regular file (a FIFO
+    would block the read forever), is larger than `limit`, or cannot be read. A missing file
+    raises FileNotFoundError, for the caller to say what its absence means."""
+    if path.exists() and not path.is_file():
+        raise error(f"{what} {path} is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as failure:
+        raise error(f"cannot read {what} {path} ({failure.strerror})") from failure
+    if len(data) > limit:
+        raise error(f"{what} {path} is larger than {limit >> 20} MiB")
+    return data
 
 
 def default_device() -> torch.device:

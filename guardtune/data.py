@@ -18,6 +18,7 @@ data. `ImageCaptionDataset` turns the scan into tensors for the training recipes
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # 32-bit integer and float images are refused: their range is not known.
 ACCEPTED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L")
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MAX_REPEATS = 10_000
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def _scan_metadata(root: Path, caption_column: str) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from error
+        except ValueError as error:  # e.g. an integer of more than 4300 digits
+            raise DataError(f"{where}: not valid JSON ({error})") from error
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict) or "file_name" not in record:
@@ -135,8 +139,12 @@ def _scan_metadata(root: Path, caption_column: str) -> list[Example]:
         name = record["file_name"]
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise DataError(f"{where}: file_name {name!r} is not a path inside the data folder")
+        try:
+            (name + caption).encode("utf-8")  # JSON can spell a lone surrogate ("\ud800")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: record holds a lone surrogate, which is not text") from None
         image_path = root / name
-        if not image_path.exists():
+        if not os.path.exists(image_path):  # False, not OSError, for a name too long to look up
             raise DataError(f"{where}: names {name}, which does not exist")
         examples.append(Example(_inside(image_path, root), caption.strip()))
     return examples
@@ -148,8 +156,8 @@ def _scan_kohya(folders: list[Path], root: Path) -> list[Example]:
         match = _KOHYA_FOLDER.match(folder.name)
         assert match is not None
         repeats, class_name = int(match.group(1)), match.group(2).replace("_", " ").strip()
-        if repeats < 1:
-            raise DataError(f"{folder}: repeats must be at least 1")
+        if not 1 <= repeats <= MAX_REPEATS:  # a huge count would fill memory with examples
+            raise DataError(f"{folder}: repeats must be between 1 and {MAX_REPEATS}")
         images = _images_in(folder, root)
         if not images:
             raise DataError(f"{folder}: class folder has no images")

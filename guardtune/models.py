@@ -27,8 +27,8 @@ from guardtune.resolve import (
     resolve_model,
 )
 from guardtune.trust.fingerprint import (
-    ComponentFingerprint,
-    compare_fingerprints,
+    ModelBinding,
+    compare_binding,
     fingerprint_of,
     read_and_hash,
 )
@@ -47,14 +47,14 @@ def load_pipeline(
     config_dir: Path | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
-    expected: dict[str, ComponentFingerprint] | None = None,
+    expected: ModelBinding | None = None,
 ):  # -> StableDiffusionPipeline (diffusers is imported lazily: it costs ~10 s)
     """Load a Stable-Diffusion-style pipeline fully offline, ready on `device` in `dtype`.
 
     A folder is loaded from its manifest (`guardtune.resolve`): each tensor is copied out of
-    its file and hashed as it is, and with `expected` (a verified policy's fingerprint) the
-    pipeline is handed out only if those digests match, so the weights that were verified are
-    the weights that load.
+    its file and hashed as it is, each configuration file is parsed from the bytes that were
+    hashed, and with `expected` (what a verified policy binds) the pipeline is handed out only
+    if those digests match, so what was verified is what loads.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -91,7 +91,7 @@ def load_pipeline(
     return pipeline.to(device)
 
 
-def load_folder(source: ModelSource, dtype: torch.dtype, expected=None):
+def load_folder(source: ModelSource, dtype: torch.dtype, expected: ModelBinding | None = None):
     """A pipeline built from exactly the bytes its manifest names, hashed as they are read."""
     import diffusers
 
@@ -101,14 +101,14 @@ def load_folder(source: ModelSource, dtype: torch.dtype, expected=None):
     for name in ("unet", "vae", "text_encoder"):
         modules[name], fingerprints[name] = _build_model(parts[name], source.path / name, dtype)
     if expected is not None:
-        compare_fingerprints(expected, fingerprints)
+        compare_binding(expected, fingerprints, manifest.config_digests())
     scheduler = parts["scheduler"]
     scheduler_class = getattr(diffusers, scheduler.class_name, None)
     if scheduler_class is None:
         raise DataError(f"{source.label}: unknown scheduler class {scheduler.class_name}")
     return diffusers.StableDiffusionPipeline(
         **modules,
-        tokenizer=_tokenizer(source.path / "tokenizer"),
+        tokenizer=_tokenizer(parts["tokenizer"], source.path / "tokenizer"),
         scheduler=scheduler_class.from_config(scheduler.config("scheduler_config.json")),
         safety_checker=None,
         feature_extractor=None,
@@ -157,10 +157,22 @@ def _build_model(part: ComponentManifest, folder: Path, dtype: torch.dtype):
     return module.eval(), fingerprint
 
 
-def _tokenizer(folder):
+def _tokenizer(part: ComponentManifest, folder: Path):
+    """The tokenizer, loaded from the bytes the manifest read (and hashed): transformers reads
+    files by name, so they are written to a private folder first, and nothing it reads can
+    have changed in the model folder since."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="guardtune-tokenizer-") as private:
+        for config in part.configs:
+            path = Path(private) / config.name.removeprefix("tokenizer/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(config.data)
+        tokenizer = CLIPTokenizer.from_pretrained(private, local_files_only=True)
+    tokenizer.name_or_path = str(folder)
+    return tokenizer
 
 
 def _load_guardtune_single_file(pipeline, path: Path) -> None:

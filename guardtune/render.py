@@ -108,7 +108,15 @@ def render_policy_verify(summary: VerificationSummary) -> None:
     rows += [("frozen tensors", str(summary.frozen_tensors))]
     rows += [("frozen parameters", f"{summary.frozen_share_parameters:.1%}")]
     rows += [("expires", summary.expires_at or "never")]
+    rows += [("configs", _bound_configs(summary.schema_version, summary.bound_configs))]
     console.print(_table("[green]Policy verified[/]", rows))
+
+
+def _bound_configs(schema_version: int, bound: int | None) -> str:
+    if bound is not None:
+        return f"{bound} files bound (model_index.json, configs, scheduler, tokenizer)"
+    why = "a schema 1 policy" if schema_version == 1 else "made for a single .safetensors file"
+    return f"[yellow]not bound[/] ({why}: configs, scheduler and tokenizer may differ)"
 
 
 def render_policy_show(report: PolicyReport) -> None:
@@ -182,6 +190,9 @@ def render_finetune(result: TrainResult) -> None:
     share = f"{result.freeze.frozen_share:.1%} of UNet parameters"
     rows += [("frozen", f"{result.freeze.frozen_tensors} tensors, {share}")]
     rows += [("processes", str(result.processes)), ("seconds", f"{result.seconds:.1f}")]
+    if result.removed_staging:
+        left = ", ".join(result.removed_staging)
+        rows += [("cleaned up", f"half-written files of a killed run: {left}")]
     console.print(_table("Fine-tuned", rows))
     if result.savings is not None:
         render_savings(result.savings)

@@ -219,6 +219,11 @@ class Manifest:
     components: dict[str, ComponentManifest]
     other_variants: tuple[str, ...] = ()  # weight files of other variants, not loaded
 
+    def config_digests(self) -> dict[str, str]:
+        """sha256 of every configuration file the loader parses, by its name in the folder."""
+        files = [self.index, *(c for part in self.components.values() for c in part.configs)]
+        return {config.name: config.sha256 for config in sorted(files, key=lambda c: c.name)}
+
 
 def resolve_folder(
     root: Path, variant: str | None = None, allowed_root: Path | None = None

@@ -80,8 +80,11 @@ def _parse_header(path: Path) -> tuple[list[TensorRecord], object]:
             if length > _MAX_HEADER_BYTES or 8 + length > size:
                 raise DataError(f"{path}: corrupt safetensors header length")
             header = json.loads(handle.read(length))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            json.dumps(header, ensure_ascii=False).encode("utf-8")  # no lone surrogate ("\ud800")
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8, too-long integers
         raise DataError(f"{path}: not a readable safetensors file ({error})") from error
+    except RecursionError:
+        raise DataError(f"{path}: safetensors header nested too deeply") from None
     if not isinstance(header, dict):
         raise DataError(f"{path}: corrupt safetensors header")
     base = 8 + length
@@ -92,13 +95,25 @@ def _parse_header(path: Path) -> tuple[list[TensorRecord], object]:
         try:
             dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
             start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise DataError(f"{path}: corrupt header entry for tensor {name}") from error
+        if not _valid_shape(shape):
+            raise DataError(f"{path}: tensor {name} has an invalid shape")
         expected = math.prod(shape) * _ITEM_BYTES.get(dtype, 0)
         if dtype not in _ITEM_BYTES or end - start != expected or base + end > size or start < 0:
             raise DataError(f"{path}: tensor {name} does not fit the file (truncated or corrupt)")
         records.append(TensorRecord(name, dtype, shape, path, base + start, base + end))
     return records, header.get("__metadata__", {})
+
+
+def _valid_shape(shape: tuple[int, ...]) -> bool:
+    """Dimensions that, like their running product, fit int64: what torch can hold."""
+    numel = 1
+    for dimension in shape:
+        numel *= dimension
+        if not 0 <= dimension < 2**63 or numel >= 2**63:
+            return False
+    return True
 
 
 @contextmanager

@@ -56,3 +56,22 @@ def test_weight_files_separates_variants(tmp_path):
     plain, variants = weight_files(tmp_path)
     assert [p.name for p in plain] == ["a.safetensors"]
     assert [p.name for p in variants] == ["a.fp16.safetensors", "b.bf16.safetensors"]
+
+
+def test_small_files_are_read_only_when_regular_and_small(tmp_path):
+    import os
+
+    from guardtune.contract import read_small_file
+    from guardtune.errors import DataError, PolicyError
+
+    (tmp_path / "mask.txt").write_bytes(b"unet.conv_in.weight\n")
+    assert read_small_file(tmp_path / "mask.txt", "mask", limit=20) == b"unet.conv_in.weight\n"
+    with pytest.raises(PolicyError, match=re.escape(f"mask {tmp_path / 'mask.txt'} is larger")):
+        read_small_file(tmp_path / "mask.txt", "mask", PolicyError, limit=19)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_small_file(tmp_path / "fifo", "provenance")
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_small_file(tmp_path, "key")
+    with pytest.raises(FileNotFoundError):
+        read_small_file(tmp_path / "missing", "mask")

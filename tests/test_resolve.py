@@ -135,7 +135,7 @@ def test_other_variants_are_accounted_for_and_not_loaded(setup):
     save_file(_shifted(state), str(unet / "diffusion_pytorch_model.fp16.safetensors"))
     manifest = resolve_folder(setup["model"])
     assert manifest.other_variants == ("unet/diffusion_pytorch_model.fp16.safetensors",)
-    loaded = load_pipeline(str(setup["model"]), device=CPU, expected=setup["policy"].model)
+    loaded = load_pipeline(str(setup["model"]), device=CPU, expected=setup["policy"].binding)
     assert torch.equal(loaded.unet.state_dict()["conv_in.weight"], state["conv_in.weight"])
 
 
@@ -251,7 +251,20 @@ def test_loading_against_a_policy_refuses_other_weights(setup):
     state["conv_out.bias"] = state["conv_out.bias"] + 1
     save_file(state, str(unet / UNET))
     with pytest.raises(ModelMismatchError, match=r"conv_out\.bias"):
-        load_pipeline(str(setup["model"]), device=CPU, expected=setup["policy"].model)
+        load_pipeline(str(setup["model"]), device=CPU, expected=setup["policy"].binding)
+
+
+def test_loading_against_a_policy_refuses_other_configs_and_parses_the_bytes_it_hashed(setup):
+    loaded = load_pipeline(str(setup["model"]), device=CPU, expected=setup["policy"].binding)
+    assert loaded.tokenizer.name_or_path == str(setup["model"] / "tokenizer")
+    assert (
+        loaded.tokenizer("a handwritten digit seven").input_ids[1:-1]
+        != [loaded.tokenizer.unk_token_id] * 4
+    )
+    config = setup["model"] / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"epsilon"', '"v_prediction"'))
+    with pytest.raises(ModelMismatchError, match=r"scheduler/scheduler_config\.json differs"):
+        load_pipeline(str(setup["model"]), device=CPU, expected=setup["policy"].binding)
 
 
 def test_the_fingerprint_covers_exactly_the_manifest(setup):
@@ -347,7 +360,7 @@ def test_a_variant_only_folder_loads_with_its_variant(runner, setup):
     assert result.exit_code == 0, combined_output(result)
     pipeline = load_pipeline(
         ModelSource("folder", setup["model"], variant="fp16"), device=CPU,
-        expected=setup["policy"].model,
+        expected=setup["policy"].binding,
     )  # fmt: skip
     assert pipeline.unet is not None
 

@@ -16,6 +16,7 @@ The output folder is an ordinary diffusers folder (`StableDiffusionPipeline.from
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,15 +35,14 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from guardtune import atomic
-from guardtune.contract import POLICY_FILE
+from guardtune.contract import ASSETS_DIR, POLICY_FILE
 from guardtune.digits.bpe import write_clip_tokenizer
 from guardtune.digits.classifier import ASSET as CLASSIFIER_ASSET
 from guardtune.digits.classifier import recognition, save_classifier, train_classifier
 from guardtune.digits.dataset import BASE_CLASSES, STYLES, load_digits, prompt_for
 from guardtune.generate import sample_images
-from guardtune.resolve import EMBEDDED_DIR
+from guardtune.resolve import EMBEDDED_DIR, resolve_model
 from guardtune.training.progress import console, track
-from guardtune.trust.keys import PROJECT_TRUST_DIR
 
 MODEL_MAX_LENGTH = 32
 
@@ -349,7 +349,7 @@ def build(out: Path, config: BuildConfig, classifier_out: Path | None = None) ->
 POLICY_ILLEGAL = (7, 9)
 POLICY_RATIO = 0.3
 POLICY_KEY = Path("keys") / "guardtune-digits.key"
-POLICY_PUBLIC = PROJECT_TRUST_DIR / "guardtune-digits.pub"
+POLICY_PUBLIC = ASSETS_DIR / "trusted" / "guardtune-digits.pub"
 
 
 def publish_policy(work: Path = Path("runs") / "embedded-policy", key_path: Path = POLICY_KEY):
@@ -377,10 +377,39 @@ def publish_policy(work: Path = Path("runs") / "embedded-policy", key_path: Path
     return result
 
 
+def resign_policy(key_path: Path = POLICY_KEY) -> Path:
+    """Sign the shipped policy's mask and provenance again, in today's policy schema.
+
+    For a schema change, not a new mask: the learned mask, how it was learned and its log stay;
+    the new policy binds what the current schema binds, under the key at `key_path` (made if
+    absent, and then the committed public key changes with it).
+    """
+    from guardtune.trust.build import build_policy, sign_policy_file
+    from guardtune.trust.signing import load_private_key, public_pem, write_keypair
+    from guardtune.trust.verify import verify_policy
+
+    shipped = verify_policy("digits", trusted_files=[POLICY_PUBLIC], use_trust_dirs=False)
+    if not key_path.is_file():
+        write_keypair(key_path.with_suffix(""), "ed25519", None)
+    key = load_private_key(key_path)
+    old = shipped.policy
+    policy = build_policy(resolve_model("digits"), old.frozen_tensors, old.provenance)
+    target = sign_policy_file(policy, [key], EMBEDDED_DIR / POLICY_FILE)
+    atomic.write_bytes(POLICY_PUBLIC, public_pem(key.public_key()))
+    log = EMBEDDED_DIR / "guardtune-policy.log.json"
+    record = json.loads(log.read_text())
+    record["policy_sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    atomic.write_json(log, record)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Rebuild the embedded `digits` model.")
     parser.add_argument(
         "--policy-only", action="store_true", help="Only learn and sign the model's policy."
+    )
+    parser.add_argument(
+        "--resign", action="store_true", help="Sign the shipped policy again in today's schema."
     )
     parser.add_argument("--out", type=Path, default=EMBEDDED_DIR)
     parser.add_argument("--classifier-out", type=Path, default=CLASSIFIER_ASSET)
@@ -389,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier-epochs", type=int, default=BuildConfig.classifier_epochs)
     parser.add_argument("--eval-samples", type=int, default=BuildConfig.eval_samples_per_class)
     args = parser.parse_args(argv)
+    if args.resign:
+        console.print(f"re-signed {resign_policy()}")
+        return
     if args.policy_only:
         result = publish_policy()
         share = f"{result.frozen_share_parameters:.1%} of parameters"
@@ -405,4 +437,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from guardtune.runtime import configure_process
+
+    configure_process()  # as the CLI does: offline, quiet, huge pages
     main()

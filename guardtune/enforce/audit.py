@@ -37,6 +37,7 @@ from guardtune.contract import (
     PROVENANCE_FILE,
     PROVENANCE_METADATA_KEY,
     RunProvenance,
+    read_small_file,
 )
 from guardtune.enforce.freeze import frozen_unet_names
 from guardtune.enforce.keynames import (
@@ -290,11 +291,11 @@ def _single_file(path: Path, fallback_provenance: Path | None = None) -> Derivat
 
 def _provenance_file(path: Path) -> tuple[str | None, str | None]:
     try:
-        return path.read_text(), str(path)
+        return read_small_file(path, "provenance").decode("utf-8"), str(path)
     except FileNotFoundError:
         return None, None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {path} ({error})") from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"provenance {path} is not UTF-8 text") from error
 
 
 # ----------------------------------------------------------------------------- full weights

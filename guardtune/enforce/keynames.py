@@ -144,10 +144,16 @@ _OLD_PROCESSOR = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(?:
 _PEFT_PREFIX = "base_model.model."
 
 
+def _adapter(key: str) -> re.Match[str] | None:
+    """`_ADAPTER.search(key)` in linear time. No match can start before the last '..' or end in
+    a final '.', and trying each such start would rescan the rest of the key (quadratic)."""
+    return None if key.endswith(".") else _ADAPTER.search(key, key.rfind("..") + 1)
+
+
 def is_lora_key(key: str) -> bool:
     return (
         key.startswith(("lora_unet_", *TEXT_ENCODER_PREFIXES[2:]))
-        or _ADAPTER.search(key) is not None
+        or _adapter(key) is not None
         or _OLD_PROCESSOR.match(key) is not None
     )
 
@@ -160,7 +166,7 @@ def parse_lora_key(key: str, index: ModuleIndex) -> LoraKey:
         attention, projection = match[1], match[2]
         projection = "to_out.0" if projection == "to_out" else projection
         body, parameter = f"{attention}.{projection}", "weight"
-    elif match := _ADAPTER.search(key):
+    elif match := _adapter(key):
         body = key[: match.start()]
         part, tail = match[1], match[2]
         parameter = "bias" if part == "diff_b" or tail.endswith(".bias") else "weight"

@@ -5,7 +5,9 @@ trainable tensors (`trainable.safetensors`), the optimizer and LR-scheduler stat
 `state.json` with the step, the run's identity (config digest, base model root digest, policy
 digest) and the sha256 of every file. Loading re-hashes every file and checks the identity, so a
 checkpoint from another run, a corrupted file or an edited tensor is refused (exit 3), and a
-checkpoint that carries a frozen tensor is an integrity violation (exit 7).
+checkpoint that carries a frozen tensor is an integrity violation (exit 7). The step is bound
+to what the hashed files say: the folder's name, the optimizer's step counts and the LR
+schedule's position must all agree with it, so an edited step counter is refused too.
 """
 
 from __future__ import annotations
@@ -109,12 +111,33 @@ def load_checkpoint(
             f"checkpoint {path} is from another run ({', '.join(changed) or 'identity'} differs)",
             hint="resume with the same model, policy, data and options",
         )
+    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    scheduler = json.loads((path / "scheduler.json").read_text())
+    _check_step(path, step, optimizer, scheduler)
     trainable = load_file(str(path / "trainable.safetensors"))
     smuggled = sorted(set(trainable) & frozen)
     if smuggled:
         raise IntegrityError(f"checkpoint {path} carries frozen tensor unet.{smuggled[0]}")
     if set(trainable) != trainable_names:
         raise DataError(f"checkpoint {path} does not hold this run's trainable tensors")
-    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    scheduler = json.loads((path / "scheduler.json").read_text())
     return Checkpoint(step, trainable, optimizer, scheduler)
+
+
+def _check_step(path: Path, step: int, optimizer: dict[str, Any], scheduler: dict[str, Any]):
+    """DataError unless every record of how far the run got says `step`."""
+    named = _STEP_DIR.match(path.name)
+    counts = {
+        "folder name": int(named.group(1)) if named else None,
+        "LR schedule": scheduler.get("last_epoch"),
+    }
+    for state in optimizer.get("state", {}).values():
+        if isinstance(state, dict) and "step" in state:
+            counts["optimizer"] = int(state["step"])  # one count per parameter, all equal
+            if counts["optimizer"] != step:
+                break
+    for source, count in counts.items():
+        if count is not None and count != step:
+            raise DataError(
+                f"checkpoint {path}: state.json says step {step} but its {source} says {count}; "
+                "refusing it"
+            )

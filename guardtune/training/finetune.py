@@ -1,11 +1,12 @@
 """The end user's fine-tune recipe (`guardtune finetune`), written out top to bottom.
 
-Stages, in the order `finetune` runs them: verify (the policy, before anything is loaded for
-training) -> load (fp32 master weights) -> freeze (`enforce/freeze.py`) and arm the guard ->
-encode (latents and text embeddings, once) -> adapt (LoRA adapters on unfrozen projections,
-or the unfrozen UNet tensors) -> resume -> train (the text-to-image objective of diffusers'
-training script) with checkpoints -> guard (no frozen tensor moved) -> write (the pipeline or
-LoRA file, with its provenance) -> compare (what freezing saved, measured).
+Stages, in the order `finetune` runs them: claim the output folder (`training/rundir.py`) ->
+verify (the policy, before anything is loaded for training) -> load (fp32 master weights) ->
+freeze (`enforce/freeze.py`) and arm the guard -> encode (latents and text embeddings, once) ->
+adapt (LoRA adapters on unfrozen projections, or the unfrozen UNet tensors) -> resume -> train
+(the text-to-image objective of diffusers' training script) with checkpoints -> guard (no frozen
+tensor moved) -> write (the pipeline or LoRA file, with its provenance) -> compare (what
+freezing saved, measured).
 
 Every random draw of step s comes from a generator seeded with (seed, s, process), so a run
 resumed from a checkpoint takes the same batches, noise and timesteps as an uninterrupted one
@@ -34,6 +35,7 @@ from guardtune.contract import (
     RunProvenance,
 )
 from guardtune.data import ImageCaptionDataset, scan_folder
+from guardtune.distributed import is_main_process
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import DataError, PolicyError
@@ -50,6 +52,7 @@ from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.loss import diffusion_loss
 from guardtune.training.memory import peak_memory_bytes
 from guardtune.training.progress import track
+from guardtune.training.rundir import check_run_folder, claim
 from guardtune.training.savings import SavingsReport, measure_savings
 from guardtune.trust.fingerprint import model_tensors
 from guardtune.trust.verify import VerifiedPolicy, verify_policy
@@ -73,6 +76,7 @@ class TrainResult:
     savings: SavingsReport | None = None
     processes: int = 1
     ignored_policy: Path | None = None  # the model's own policy, set aside on request
+    removed_staging: tuple[str, ...] = ()  # what a killed run left half-written in `out`
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -107,10 +111,7 @@ def finetune(
 
     start_time = time.perf_counter()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "checkpoints").is_dir():
-        raise DataError(
-            f"output folder {out} exists and is not a guardtune run", hint="choose a new --out"
-        )
+    run_folder = check_run_folder(out, resume, is_main_process())
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(config, torch.cuda.is_available()),
         cpu=not torch.cuda.is_available(),
@@ -130,7 +131,7 @@ def finetune(
     class_scan = scan_folder(class_data, caption_column, class_prompt) if class_data else None
 
     # Load fp32 master weights from the very bytes the policy binds; freeze; arm the guard.
-    expected = verified.policy.model if verified else None
+    expected = verified.policy.binding if verified else None
     pipeline = load_pipeline(source, device=device, dtype=torch.float32, expected=expected)
     unet = pipeline.unet
     frozen = frozen_unet_names(verified.policy if verified else None)
@@ -178,7 +179,7 @@ def finetune(
         "policy": policy_sha256,
         "data": data_digest(scan),
     }
-    checkpoints = out / "checkpoints"
+    checkpoints = run_folder.checkpoints
     start_step = 0
     if resume is not None:
         checkpoint = load_checkpoint(
@@ -191,7 +192,8 @@ def finetune(
         lr_schedule.load_state_dict(checkpoint.scheduler)
         start_step = checkpoint.step
 
-    # Train.
+    # Train, into the folder this run now claims.
+    run_folder = claim(run_folder)
     rank, world = accelerator.process_index, accelerator.num_processes
     step_times: list[float] = []
     losses: list[float] = []
@@ -300,6 +302,7 @@ def finetune(
         savings=savings,
         processes=world,
         ignored_policy=ignored,
+        removed_staging=run_folder.removed,
     )
 
 

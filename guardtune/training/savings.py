@@ -178,4 +178,7 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
 
 
 if __name__ == "__main__":
+    from guardtune.runtime import configure_process
+
+    configure_process()  # the probe is one of guardtune's own processes, like the CLI
     print(json.dumps(asdict(probe_main(json.loads(sys.argv[1])))))

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guardtune import __version__, atomic
+from guardtune.contract import read_small_file
 from guardtune.errors import PolicyError
 from guardtune.resolve import ModelSource, resolve_model
-from guardtune.trust.fingerprint import fingerprint_records, model_tensors
+from guardtune.trust.fingerprint import fingerprint_records, model_configs, model_tensors
 from guardtune.trust.policy import (
     SCHEMA_VERSION,
     FreezePolicy,
@@ -51,9 +52,11 @@ def unet_parameter_order(source: ModelSource) -> list[str]:
 def read_mask(path: Path, source: ModelSource) -> list[str]:
     """Tensor names (fully qualified) from a mask file in any of the three formats."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolicyError(f"cannot read mask {path} ({error})") from error
+        text = read_small_file(path, "mask", PolicyError).decode("utf-8")
+    except FileNotFoundError as error:
+        raise PolicyError(f"no mask file at {path}") from error
+    except UnicodeDecodeError as error:
+        raise PolicyError(f"mask {path} is not UTF-8 text") from error
     stripped = text.strip()
     if not stripped:
         raise PolicyError(f"mask {path} is empty")
@@ -118,6 +121,7 @@ def build_policy(
         ),
         created_at=utc_now(),
         expires_at=expires_at,
+        configs=model_configs(source),
     )
 
 

@@ -47,6 +47,17 @@ class ComponentFingerprint:
     tensors: dict[str, str]
 
 
+@dataclass(frozen=True)
+class ModelBinding:
+    """What a policy binds of a model: every tensor of its components and (policies of schema 2
+    on) the sha256 of every configuration file the loader parses, by its name in the folder:
+    model_index.json, the components' configs, the scheduler's and every tokenizer file.
+    `configs` is None where they are not bound (a schema 1 policy, a single-file model)."""
+
+    components: dict[str, ComponentFingerprint]
+    configs: dict[str, str] | None = None
+
+
 def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: memoryview | bytes) -> str:
     digest = hashlib.sha256(_DOMAIN)
     digest.update(f"{name}\x00{dtype}\x00{','.join(map(str, shape))}\x00".encode())
@@ -117,6 +128,14 @@ def model_tensors(
     return result
 
 
+def model_configs(source: ModelSource) -> dict[str, str] | None:
+    """The configuration files of a folder, as `ModelBinding.configs` binds them; None for a
+    single file, whose configs are whatever `--model-config` folder accompanies it."""
+    if source.kind == "single_file":
+        return None
+    return resolve_folder(source.path, source.variant, source.root).config_digests()
+
+
 def fingerprint_model(
     source: ModelSource, components: Iterable[str] = COMPONENTS
 ) -> dict[str, ComponentFingerprint]:
@@ -169,6 +188,42 @@ def read_and_hash(
 
         done = list(pool.map(work, records))
     return {name: tensor for name, tensor, _ in done}, {name: digest for name, _, digest in done}
+
+
+def compare_binding(
+    expected: ModelBinding,
+    components: dict[str, ComponentFingerprint],
+    configs: dict[str, str] | None,
+) -> None:
+    """ModelMismatchError naming the first tensor or configuration file that differs."""
+    compare_fingerprints(expected.components, components)
+    compare_configs(expected.configs, configs)
+
+
+def compare_configs(expected: dict[str, str] | None, actual: dict[str, str] | None) -> None:
+    """ModelMismatchError naming the first configuration file that differs, is missing or is
+    extra (a tokenizer file added beside the bound ones changes what loads)."""
+    if expected is None:
+        return
+    if actual is None:
+        raise ModelMismatchError(
+            "the policy binds the model's configuration files, and a single .safetensors file "
+            "has none of its own",
+            hint="use the model folder the policy was published for",
+        )
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            problem = "is missing"
+        elif name not in expected:
+            problem = "is not in the policy's model"
+        elif expected[name] != actual[name]:
+            problem = "differs"
+        else:
+            continue
+        raise ModelMismatchError(
+            f"model does not match the policy: {name} {problem}",
+            hint="use the exact model folder the policy was published for",
+        )
 
 
 def compare_fingerprints(

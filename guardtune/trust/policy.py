@@ -4,8 +4,8 @@
 `unet.down_blocks.0.attentions.0.proj_in.weight`), binds them to the exact weights through the
 model fingerprint, and records how it was made. It is a frozen dataclass with canonical JSON
 (sorted keys, fixed separators: identical inputs give identical bytes) and a strict parser: an
-unknown, missing or mistyped field is a PolicyError (exit 4). The JSON Schema in
-`policies/schema/` describes the same format for other tools.
+unknown, missing or mistyped field is a PolicyError (exit 4). The JSON Schema shipped in the
+package (`json_schema()`) describes the same format for other tools.
 
 Signing (`guardtune.trust.signing`) wraps the canonical bytes in a DSSE envelope; this module knows
 nothing of keys.
@@ -18,12 +18,24 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from typing import Any
 
 from guardtune.errors import PolicyError
-from guardtune.trust.fingerprint import ALGORITHM, ComponentFingerprint, root_digest
+from guardtune.trust.fingerprint import ALGORITHM, ComponentFingerprint, ModelBinding, root_digest
 
-SCHEMA_VERSION = 1
+# What `publish` and `policy sign` write. Schema 2 adds `configs`, the binding of every
+# configuration file the loader parses; schema 1 policies (tensors only) still verify, and say so.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def json_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The JSON Schema of a policy payload of `version`, as shipped in the package."""
+    name = f"freeze-policy.v{version}.schema.json"
+    return json.loads((resources.files("guardtune") / "assets" / "schema" / name).read_text())
+
+
 PAYLOAD_TYPE = "application/vnd.guardtune.freeze-policy+json"
 
 
@@ -61,9 +73,16 @@ class FreezePolicy:
     provenance: Provenance
     created_at: str  # UTC, ISO 8601 with a trailing Z
     expires_at: str | None = None
+    # Schema 2: sha256 of each configuration file by its name in the model folder; None where
+    # not bound (every schema 1 policy, and a policy made for a single .safetensors file).
+    configs: dict[str, str] | None = None
+
+    @property
+    def binding(self) -> ModelBinding:
+        return ModelBinding(self.model, self.configs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        fields = {
             "schema_version": self.schema_version,
             "model": {
                 name: {"algorithm": c.algorithm, "root": c.root, "tensors": dict(c.tensors)}
@@ -83,6 +102,9 @@ class FreezePolicy:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
         }
+        if self.schema_version >= 2:
+            fields["configs"] = self.configs
+        return fields
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, no insignificant whitespace, UTF-8."""
@@ -120,11 +142,16 @@ def strict_json_loads(data: bytes | str, what: str) -> Any:
         raise PolicyError(f"{what} contains {name}, which is not valid JSON")
 
     try:
-        return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        value = json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        # What parses must write back: no lone surrogate ("\ud800"), no 1e999 read as infinity.
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PolicyError(f"{what} contains a lone surrogate, which is not valid Unicode") from None
+    except ValueError as error:  # bad JSON or UTF-8, a number out of range
         raise PolicyError(f"{what} is not valid JSON ({error})") from error
     except RecursionError:  # Python's parser gives up on very deep nesting
         raise PolicyError(f"{what} is nested too deeply to be a policy") from None
+    return value
 
 
 def _fields(value: Any, where: str, required: dict[str, type | tuple[type, ...]]) -> dict:
@@ -174,32 +201,36 @@ def utc_now() -> str:
 
 
 def _share(value: Any, where: str) -> float:
-    share = float(value)
-    if not 0.0 <= share <= 1.0:
+    if not 0 <= value <= 1:  # before float(): an integer past float's range overflows
         raise PolicyError(f"{where} must be between 0 and 1")
-    return share
+    return float(value)
+
+
+_TOP_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "model": dict,
+    "frozen_tensors": list,
+    "frozen_share": dict,
+    "provenance": dict,
+    "created_at": str,
+    "expires_at": (str, type(None)),
+}
 
 
 def policy_from_dict(raw: Any) -> FreezePolicy:
-    top = _fields(
-        raw,
-        "policy",
-        {
-            "schema_version": int,
-            "model": dict,
-            "frozen_tensors": list,
-            "frozen_share": dict,
-            "provenance": dict,
-            "created_at": str,
-            "expires_at": (str, type(None)),
-        },
-    )
-    if top["schema_version"] != SCHEMA_VERSION:
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if (
+        isinstance(version, int)
+        and not isinstance(version, bool)
+        and version not in (READABLE_VERSIONS)
+    ):
         raise PolicyError(
-            f"policy schema_version {top['schema_version']} is not supported "
-            f"(this guardtune reads {SCHEMA_VERSION})",
+            f"policy schema_version {version} is not supported "
+            f"(this guardtune reads {', '.join(map(str, READABLE_VERSIONS))})",
             hint="upgrade guardtune",
         )
+    required = _TOP_FIELDS | ({"configs": (dict, type(None))} if version == 2 else {})
+    top = _fields(raw, "policy", required)
     model: dict[str, ComponentFingerprint] = {}
     if not top["model"]:
         raise PolicyError("policy.model names no component")
@@ -258,4 +289,19 @@ def policy_from_dict(raw: Any) -> FreezePolicy:
         ),
         created_at=top["created_at"],
         expires_at=top["expires_at"],
+        configs=_configs(top.get("configs")),
     )
+
+
+def _configs(value: dict[str, Any] | None) -> dict[str, str] | None:
+    """Configuration file digests: names relative to the model folder, inside it."""
+    if value is None:
+        return None
+    for name, digest in value.items():
+        parts = name.split("/")
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise PolicyError(f"policy.configs names {name!r}, which is not a file in a folder")
+        _hex_digest(digest, f"policy.configs[{name}]")
+    if "model_index.json" not in value:
+        raise PolicyError("policy.configs does not bind model_index.json")
+    return dict(sorted(value.items()))

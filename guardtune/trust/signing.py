@@ -20,11 +20,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from guardtune import atomic
+from guardtune.contract import read_small_file
 from guardtune.errors import DataError, PolicyError, SignatureError
 from guardtune.trust.policy import PAYLOAD_TYPE, strict_json_loads
 
@@ -32,6 +33,7 @@ PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 KEY_TYPES = ("ed25519", "ecdsa-p256")
 PASSPHRASE_ENV = "GUARDTUNE_KEY_PASSPHRASE"
+_SUPPORTED = "only Ed25519 and ECDSA P-256 keys are supported"
 
 
 def pae(payload_type: str, body: bytes) -> bytes:
@@ -117,11 +119,17 @@ def create_keypair(
     return KeygenResult(private_path, public_path, keyid, key_type, bool(passphrase))
 
 
-def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
+def _read_key_file(path: Path, what: str) -> bytes:
+    """A key file's bytes: a missing, special or unreadable file is bad input (exit 3); what
+    the bytes say is checked by the caller (exit 5: a key that cannot be trusted)."""
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"cannot read private key {path} ({error.strerror})") from error
+        return read_small_file(path, what)
+    except FileNotFoundError as error:
+        raise DataError(f"no {what} at {path}") from error
+
+
+def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
+    data = _read_key_file(path, "private key")
     if passphrase is None and os.environ.get(PASSPHRASE_ENV):
         passphrase = os.environ[PASSPHRASE_ENV].encode()
     try:
@@ -136,23 +144,22 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
     except ValueError as error:
         if b"ENCRYPTED" in data:
             raise SignatureError(f"wrong passphrase for private key {path}") from error
-        raise DataError(f"{path} is not a PEM private key") from error
+        raise SignatureError(f"{path} is not a PEM private key") from error
+    except UnsupportedAlgorithm as error:  # a key type or cipher cryptography does not know
+        raise SignatureError(f"{path}: {_SUPPORTED}") from error
     return _check_key_type(key, path)
 
 
 def load_public_key(path: Path) -> PublicKey:
-    if path.exists() and not path.is_file():  # a FIFO would block the read forever
-        raise DataError(f"public key {path} is not a regular file")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"cannot read public key {path} ({error.strerror})") from error
+    data = _read_key_file(path, "public key")
     if data.count(b"-----BEGIN") > 1:  # the PEM loader would read the first and drop the rest
-        raise DataError(f"{path} holds more than one key", hint="put one public key per file")
+        raise SignatureError(f"{path} holds more than one key", hint="put one public key per file")
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as error:
-        raise DataError(f"{path} is not a PEM public key") from error
+        raise SignatureError(f"{path} is not a PEM public key") from error
+    except UnsupportedAlgorithm as error:  # a key type cryptography does not know
+        raise SignatureError(f"{path}: {_SUPPORTED}") from error
     return _check_key_type(key, path)
 
 
@@ -163,7 +170,7 @@ def _check_key_type(key, path: Path):
         key.curve, ec.SECP256R1
     ):
         return key
-    raise SignatureError(f"{path}: only Ed25519 and ECDSA P-256 keys are supported")
+    raise SignatureError(f"{path}: {_SUPPORTED}")
 
 
 def _sign(key: PrivateKey, message: bytes) -> bytes:

@@ -3,7 +3,9 @@
 The one place where the trust chain is checked, in this order, failing closed at the first
 problem: envelope well-formed (exit 4) -> signed by a trusted key (5) -> payload a valid policy
 (4) -> not expired (4) -> model fingerprint equal to the policy's (6, naming the first tensor
-that differs). `policy verify`, `finetune` and `audit` all go through `verify_policy`.
+that differs) and, for policies of schema 2, every configuration file the loader parses equal
+to the one signed (6, naming the file). `policy verify`, `finetune` and `audit` all go through
+`verify_policy`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from guardtune.contract import POLICY_FILE
+from guardtune.contract import POLICY_FILE, read_small_file
 from guardtune.errors import DataError, PolicyError
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.tensorfile import TensorRecord
 from guardtune.trust.fingerprint import (
-    compare_fingerprints,
+    compare_binding,
     fingerprint_components,
+    model_configs,
     model_tensors,
 )
 from guardtune.trust.keys import load_trusted
@@ -41,7 +44,8 @@ class VerifiedPolicy:
         return VerificationSummary(
             self.policy_path, self.model, self.signer_keyid, self.signer_key_file,
             len(self.policy.frozen_tensors), self.policy.frozen_share.parameters,
-            self.policy.expires_at,
+            self.policy.expires_at, self.policy.schema_version,
+            len(self.policy.configs) if self.policy.configs is not None else None,
         )  # fmt: skip
 
 
@@ -56,6 +60,8 @@ class VerificationSummary:
     frozen_tensors: int
     frozen_share_parameters: float
     expires_at: str | None
+    schema_version: int
+    bound_configs: int | None  # configuration files bound; None: not bound
 
 
 def default_policy_path(source: ModelSource) -> Path:
@@ -91,11 +97,9 @@ def policy_output_path(source: ModelSource, out: Path | None) -> Path:
 
 def read_envelope(path: Path) -> Envelope:
     try:
-        data = path.read_bytes()
+        data = read_small_file(path, "policy", PolicyError)
     except FileNotFoundError as error:
         raise PolicyError(f"no freeze policy at {path}", hint="pass --policy") from error
-    except OSError as error:
-        raise PolicyError(f"cannot read policy {path} ({error.strerror})") from error
     return Envelope.from_json(data, where=f"policy {path.name}")
 
 
@@ -139,7 +143,7 @@ def verify_policy(
     fingerprint: bool = True,
 ) -> VerifiedPolicy:
     """Every check above. With `fingerprint=False` the binding to the weights is left to the
-    caller, which must load the model with `load_pipeline(..., expected=policy.model)`: the
+    caller, which must load the model with `load_pipeline(..., expected=policy.binding)`: the
     loader hashes what it loads, so the weights are read once instead of twice."""
     source = model if isinstance(model, ModelSource) else resolve_model(model, model_config)
     path = Path(policy_path) if policy_path is not None else default_policy_path(source)
@@ -153,6 +157,6 @@ def verify_policy(
         raise PolicyError(f"policy {path.name} was created in the future ({policy.created_at})")
     records = model_tensors(source, tuple(policy.model))  # a corrupt file: DataError
     if fingerprint:
-        compare_fingerprints(policy.model, fingerprint_components(records))
+        compare_binding(policy.binding, fingerprint_components(records), model_configs(source))
     _check_frozen(policy, records.get("unet", []), path)
     return VerifiedPolicy(policy, path, signer.keyid, signer.source, source.label)

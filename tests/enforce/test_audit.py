@@ -316,3 +316,14 @@ def test_a_lora_file_beside_the_pipeline_is_audited_too(setup, tmp_path):
     assert result.exit_code == 7
     assert _problems(report) == {f"unet.{TO_Q}.weight": "lora-on-frozen"}
     assert report["kind"] == "full+lora"
+
+
+def test_a_provenance_record_that_is_no_regular_file_is_refused_unread(setup, tmp_path):
+    import os
+
+    derivative = tmp_path / "derivative"
+    shutil.copytree(setup["root"] / "full" / "model", derivative)
+    (derivative / PROVENANCE_FILE).unlink()
+    os.mkfifo(derivative / PROVENANCE_FILE)  # reading it would block forever
+    result, _ = _audit(setup, derivative)
+    assert result.exit_code == 3 and "is not a regular file" in combined_output(result)

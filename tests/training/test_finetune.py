@@ -251,6 +251,34 @@ def test_tampered_or_foreign_checkpoints_are_refused(guarded, data, tmp_path):
                  resume=str(checkpoint), compare=False, show_progress=False)  # fmt: skip
 
 
+def test_an_edited_step_counter_is_refused(guarded, data, tmp_path):
+    checkpoint = _checkpointed_run(guarded, data, tmp_path / "run")
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["step"] = 3  # resume one step further than the weights and optimizer got
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    with pytest.raises(DataError, match=r"state\.json says step 3 but its folder name says 2"):
+        finetune(data, tmp_path / "run", model=str(guarded), config=CHECKPOINTED,
+                 resume=str(checkpoint), compare=False, show_progress=False)  # fmt: skip
+    renamed = checkpoint.rename(checkpoint.with_name("step-000003"))
+    with pytest.raises(DataError, match=r"state\.json says step 3 but its LR schedule says 2"):
+        finetune(data, tmp_path / "run", model=str(guarded), config=CHECKPOINTED,
+                 resume=str(renamed), compare=False, show_progress=False)  # fmt: skip
+
+
+def test_a_finished_run_or_a_file_is_never_written_over(runner, guarded, data, tmp_path):
+    code, output = _cli(runner, data, "--model", guarded, "--out", tmp_path / "run")
+    assert code == 0, output
+    weights = next((tmp_path / "run" / "model" / "unet").glob("*.safetensors"))
+    written = weights.stat().st_mtime_ns
+    code, output = _cli(runner, data, "--model", guarded, "--out", tmp_path / "run")
+    assert code == 3 and "holds a finished run" in output
+    assert weights.stat().st_mtime_ns == written
+    (tmp_path / "notes").write_text("mine")
+    code, output = _cli(runner, data, "--model", guarded, "--out", tmp_path / "notes")
+    assert code == 3 and "is a file, not a folder" in output
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_two_process_ddp_run_keeps_frozen_tensors(guarded, data, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")

@@ -146,8 +146,11 @@ def test_a_public_key_file_must_hold_one_regular_key(tmp_path):
 
     two = tmp_path / "two.pub"
     two.write_bytes(public_pem(generate_key().public_key()) * 2)
-    with pytest.raises(DataError, match="more than one key"):
+    with pytest.raises(SignatureError, match="more than one key"):
         load_public_key(two)
+    (tmp_path / "junk.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot base64\n")
+    with pytest.raises(SignatureError, match="is not a PEM public key"):
+        load_public_key(tmp_path / "junk.pub")
     os.mkfifo(tmp_path / "fifo.pub")  # reading it would block forever
     with pytest.raises(DataError, match="not a regular file"):
         load_public_key(tmp_path / "fifo.pub")

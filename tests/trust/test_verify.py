@@ -244,9 +244,50 @@ def test_golden_policy_of_this_version_still_verifies(runner, monkeypatch, tmp_p
     ]
     code, output = verify(runner, EMBEDDED_DIR, *args)
     assert code == 0, output
+    assert "not bound" in output and "schema 1 policy" in output
 
 
 def test_a_deeply_nested_policy_file_is_exit_4(runner, setup):
     setup["path"].write_bytes(b"[" * 100_000 + b"]" * 100_000)
     code, output = verify(runner, setup["model"])
     assert code == 4 and "nested too deeply" in output
+
+
+def test_a_policy_that_is_no_regular_file_or_too_large_is_refused_unread(runner, setup, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")  # reading it would block forever
+    code, output = verify(runner, setup["model"], "--policy", str(tmp_path / "fifo.json"))
+    assert code == 4 and "is not a regular file" in output
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as handle:  # sparse: 65 MiB on paper, nothing on disk
+        handle.truncate(65 << 20)
+    code, output = verify(runner, setup["model"], "--policy", str(huge))
+    assert code == 4 and "larger than 64 MiB" in output
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes, indent=2))
+
+
+@pytest.mark.parametrize(
+    ("name", "edit"),
+    [
+        ("scheduler/scheduler_config.json", lambda p: _edit_json(p, prediction_type="sample")),
+        ("unet/config.json", lambda p: _edit_json(p, upcast_attention=True)),
+        ("model_index.json", lambda p: _edit_json(p, requires_safety_checker=True)),
+        ("tokenizer/vocab.json", lambda p: p.write_text(p.read_text().replace('"a', '"b', 1))),
+        ("tokenizer/added_tokens.json", lambda p: p.write_text('{"sks": 49408}')),
+    ],
+)
+def test_every_configuration_file_is_bound(runner, setup, name, edit):
+    edit(setup["model"] / name)
+    code, output = verify(runner, setup["model"])
+    assert code == 6, output
+    problem = "is not in the policy's model" if name.endswith("added_tokens.json") else "differs"
+    assert f"model does not match the policy: {name} {problem}" in output
+
+
+def test_a_new_policy_says_what_it_binds(runner, setup):
+    code, output = verify(runner, setup["model"])
+    assert code == 0 and "10 files bound" in output
