@@ -21,6 +21,7 @@ from guardtune.contract import COMPONENTS, LDM_UNET_PREFIX, default_device, defa
 from guardtune.errors import DataError
 from guardtune.resolve import (
     EMBEDDED,
+    TOKENIZERS,
     ComponentManifest,
     ModelSource,
     resolve_folder,
@@ -91,6 +92,12 @@ def load_pipeline(
     return pipeline.to(device)
 
 
+def encoders(pipeline) -> tuple[torch.nn.Module, ...]:
+    """The modules around the UNet that training never changes: the VAE and the text encoders."""
+    names = ("vae", "text_encoder", "text_encoder_2")
+    return tuple(m for m in (getattr(pipeline, n, None) for n in names) if m is not None)
+
+
 def load_folder(source: ModelSource, dtype: torch.dtype, expected: ModelBinding | None = None):
     """A pipeline built from exactly the bytes its manifest names, hashed as they are read."""
     import diffusers
@@ -98,21 +105,28 @@ def load_folder(source: ModelSource, dtype: torch.dtype, expected: ModelBinding 
     manifest = resolve_folder(source.path, source.variant, source.root)
     parts = manifest.components
     modules, fingerprints = {}, {}
-    for name in ("unet", "vae", "text_encoder"):
+    for name in manifest.weighted:
         modules[name], fingerprints[name] = _build_model(parts[name], source.path / name, dtype)
     if expected is not None:
         compare_binding(expected, fingerprints, manifest.config_digests())
+    for name in TOKENIZERS:
+        if name in parts:
+            modules[name] = _tokenizer(parts[name], source.path / name)
     scheduler = parts["scheduler"]
     scheduler_class = getattr(diffusers, scheduler.class_name, None)
     if scheduler_class is None:
         raise DataError(f"{source.label}: unknown scheduler class {scheduler.class_name}")
+    modules["scheduler"] = scheduler_class.from_config(scheduler.config("scheduler_config.json"))
+    if manifest.pipeline_class == "StableDiffusionXLPipeline":
+        index = json.loads(manifest.index.data)
+        return diffusers.StableDiffusionXLPipeline(
+            **modules,
+            # model_index.json carries this pipeline setting; from_pretrained would pass it on.
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            add_watermarker=False,  # an optional package that changes every image it touches
+        )
     return diffusers.StableDiffusionPipeline(
-        **modules,
-        tokenizer=_tokenizer(parts["tokenizer"], source.path / "tokenizer"),
-        scheduler=scheduler_class.from_config(scheduler.config("scheduler_config.json")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
 
 
@@ -167,7 +181,7 @@ def _tokenizer(part: ComponentManifest, folder: Path):
 
     with tempfile.TemporaryDirectory(prefix="guardtune-tokenizer-") as private:
         for config in part.configs:
-            path = Path(private) / config.name.removeprefix("tokenizer/")
+            path = Path(private) / config.name.removeprefix(f"{part.name}/")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(config.data)
         tokenizer = CLIPTokenizer.from_pretrained(private, local_files_only=True)

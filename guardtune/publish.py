@@ -26,7 +26,7 @@ from guardtune.distributed import is_main_process
 from guardtune.errors import DataError
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
-from guardtune.models import load_pipeline
+from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
@@ -130,8 +130,8 @@ def publish(
             pipeline, ImageCaptionDataset(illegal_scan, resolution), unet.device
         )
         legal_data = EncodedData(pipeline, ImageCaptionDataset(legal_scan, resolution), unet.device)
-        pipeline.vae.requires_grad_(False)
-        pipeline.text_encoder.requires_grad_(False)
+        for module in encoders(pipeline):
+            module.requires_grad_(False)
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         unet.train()
         # What a checkpoint must match besides the config: these weights and this data.

@@ -161,13 +161,22 @@ def _from_hub_cache(repo_id: str, revision: str | None, variant: str | None) -> 
 
 
 # Pipelines guardtune loads, with the components it loads for each (others are not read).
-PIPELINES = {"StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+PIPELINES = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": (
+        "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+    ),
+}  # fmt: skip
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 # What each component may be; the loader builds exactly these classes.
 CLASSES = {
     "unet": ("diffusers", ("UNet2DConditionModel",)),
     "vae": ("diffusers", ("AutoencoderKL",)),
     "text_encoder": ("transformers", ("CLIPTextModel",)),
+    # SDXL's second encoder: OpenCLIP bigG, whose pooled and projected output conditions the UNet.
+    "text_encoder_2": ("transformers", ("CLIPTextModelWithProjection",)),
     "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "tokenizer_2": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
 }
 # The name stem of the weight files, per library.
 WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
@@ -219,6 +228,11 @@ class Manifest:
     components: dict[str, ComponentManifest]
     other_variants: tuple[str, ...] = ()  # weight files of other variants, not loaded
 
+    @property
+    def weighted(self) -> tuple[str, ...]:
+        """The components that hold weights, in the pipeline's order."""
+        return tuple(name for name, part in self.components.items() if part.weight_files)
+
     def config_digests(self) -> dict[str, str]:
         """sha256 of every configuration file the loader parses, by its name in the folder."""
         files = [self.index, *(c for part in self.components.values() for c in part.configs)]
@@ -245,7 +259,7 @@ def resolve_folder(
     if "transformer" in entries or pipeline_class not in PIPELINES:
         raise DataError(
             f"{root} holds a {pipeline_class}, which guardtune cannot serve",
-            hint="guardtune serves UNet pipelines of Stable Diffusion 1.x and 2.x",
+            hint="guardtune serves the UNet pipelines of Stable Diffusion 1.x, 2.x and XL",
         )
     components: dict[str, ComponentManifest] = {}
     other_variants: list[str] = []
@@ -272,8 +286,8 @@ def resolve_folder(
                 f"{root}: {name} is a {library}.{class_name}; guardtune loads "
                 f"{allowed_library}.{' or '.join(allowed_classes)} there"
             )
-        if name == "tokenizer":
-            components[name] = _tokenizer(root, real_root, class_name)
+        if name in TOKENIZERS:
+            components[name] = _tokenizer(root, real_root, name, class_name)
             continue
         config = _read_config(root, real_root, f"{name}/config.json")
         parsed = _parse_json(config, f"{name}/config.json")
@@ -324,15 +338,15 @@ def _refuse_code(folder: Path) -> None:
             raise DataError(f"{folder / adapter}: an adapter inside a model folder is refused")
 
 
-def _tokenizer(root: Path, real_root: Path, class_name: str) -> ComponentManifest:
-    folder = root / "tokenizer"
+def _tokenizer(root: Path, real_root: Path, name: str, class_name: str) -> ComponentManifest:
+    folder = root / name
     redirects = [name for name in TOKENIZER_REDIRECTS if (folder / name).exists()]
     if redirects:
         raise DataError(f"{folder / redirects[0]} would replace the tokenizer's vocabulary")
     names = [n for n in TOKENIZER_FILES if (folder / n).exists()]
     templates = sorted((folder / "additional_chat_templates").glob("*.jinja"))
     names += [f"additional_chat_templates/{t.name}" for t in templates]
-    configs = tuple(_read_config(root, real_root, f"tokenizer/{n}") for n in names)
+    configs = tuple(_read_config(root, real_root, f"{name}/{n}") for n in names)
     for config in configs:
         if config.name.endswith("tokenizer_config.json"):
             parsed = _parse_json(config, config.name)
@@ -340,7 +354,7 @@ def _tokenizer(root: Path, real_root: Path, class_name: str) -> ComponentManifes
                 raise DataError(f"{root}/{config.name} redirects tokenizer.json; refused")
     if not any(c.name.endswith(("tokenizer.json", "vocab.json")) for c in configs):
         raise DataError(f"{folder} holds no tokenizer vocabulary")
-    return ComponentManifest("tokenizer", "transformers", class_name, configs)
+    return ComponentManifest(name, "transformers", class_name, configs)
 
 
 def _variant_of(name: str, stem: str) -> str | None:

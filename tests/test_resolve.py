@@ -200,8 +200,10 @@ def _merge_json(path: Path, extra: dict) -> None:
     "edit, message",
     [
         (lambda index: index | {"_class_name": "FluxPipeline"}, "FluxPipeline, which guardtune"),
+        (lambda index: index | {"_class_name": "StableDiffusionXLImg2ImgPipeline"},
+         "StableDiffusionXLImg2ImgPipeline, which guardtune"),
         (lambda index: index | {"_class_name": "StableDiffusionXLPipeline"},
-         "StableDiffusionXLPipeline, which guardtune"),
+         "does not name a class for text_encoder_2"),
         (lambda index: index | {"transformer": ["diffusers", "FluxTransformer2DModel"]},
          "cannot serve"),
         (lambda index: index | {"unet": ["diffusers", "UNet2DModel"]}, "UNet2DModel"),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from guardtune.training.conditioning import unet_inputs
 from guardtune.training.encode import EncodedData
 from guardtune.training.loss import draw_noise, pose
 from guardtune.training.progress import StepReporter
@@ -50,9 +51,10 @@ def _loss(unet, weights, scheduler, clean, states, generator, target=None) -> to
     noise, timesteps = draw_noise(scheduler, tuple(clean.shape), generator)
     problem = pose(scheduler, clean, noise, timesteps)
     device = next(iter(weights.values())).device
-    inputs = problem.noisy.to(device), timesteps.to(device), states.to(device)
-    prediction = functional_call(unet, weights, inputs).sample.float()
-    goal = problem.target.to(device) if target is None else target(*inputs).float()
+    inputs = problem.noisy.to(device), timesteps.to(device)
+    conditioning = unet_inputs(unet, states.to(device))
+    prediction = functional_call(unet, weights, inputs, conditioning).sample.float()
+    goal = problem.target.to(device) if target is None else target(inputs, conditioning).float()
     return F.mse_loss(prediction, goal)
 
 
@@ -89,9 +91,9 @@ def implant(
             # Prior preservation: on legal data, predict what the published UNet predicted.
             clean, legal_states = legal.batch(config.batch_size, generator)
 
-            def published_prediction(*inputs):
+            def published_prediction(inputs, conditioning):
                 with torch.no_grad():
-                    return functional_call(unet, published, inputs).sample
+                    return functional_call(unet, published, inputs, conditioning).sample
 
             prior = _loss(unet, weights, scheduler, clean, legal_states, generator,
                           published_prediction)  # fmt: skip

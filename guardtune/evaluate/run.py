@@ -46,7 +46,7 @@ from guardtune.evaluate.persguard import PersGuardConfig, implant
 from guardtune.evaluate.tasks import Task, load_tasks
 from guardtune.evaluate.uce import uce_edit
 from guardtune.generate import sample_images
-from guardtune.models import load_pipeline
+from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.encode import EncodedData
 from guardtune.training.progress import StepReporter, track
@@ -247,8 +247,8 @@ def evaluate(
 
     device = default_device()
     pipeline = load_pipeline(source, device=device, dtype=torch.float32)
-    pipeline.vae.requires_grad_(False)
-    pipeline.text_encoder.requires_grad_(False)
+    for module in encoders(pipeline):
+        module.requires_grad_(False)
     unet = pipeline.unet
     resolution = unet.config.sample_size * pipeline.vae_scale_factor
     tasks = load_tasks(pipeline, illegal, legal, config.held_out_every, resolution)

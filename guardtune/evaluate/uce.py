@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from guardtune.errors import DataError
+
 UCE_LAMBDA = 0.5
 
 
@@ -62,6 +64,9 @@ def uce_edit(
     lam: float = UCE_LAMBDA,
 ) -> dict[str, torch.Tensor]:
     """Edited weights of every cross-attention to_k and to_v, keyed by parameter name."""
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        # SDXL's keys and values read both encoders' states side by side; this edit knows one.
+        raise DataError("the UCE baseline is implemented for SD 1.x and 2.x models, not SDXL")
     pairs = [_aligned(pipeline, concept, guide) for concept in erase]
     kept = [_token_embeddings(pipeline, p) for p in (*preserve, "")]
     kept_tokens = [states[last:] for states, last in kept]

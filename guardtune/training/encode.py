@@ -13,6 +13,7 @@ import itertools
 import torch
 
 from guardtune.data import FolderScan, ImageCaptionDataset
+from guardtune.training.conditioning import encode_captions
 
 
 def data_digest(scan: FolderScan) -> str:
@@ -25,10 +26,11 @@ def data_digest(scan: FolderScan) -> str:
 
 
 class EncodedData:
-    """VAE latents (mean, std) per example and text embeddings per caption, computed once."""
+    """VAE latents (mean, std) per example and text conditioning per caption, computed once
+    (`guardtune.training.conditioning` says what a row holds)."""
 
     def __init__(self, pipeline, dataset: ImageCaptionDataset, device: torch.device) -> None:
-        vae, text_encoder, tokenizer = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
+        vae = pipeline.vae
         self.scaling = float(vae.config.scaling_factor)
         means, stds = [], []
         with torch.no_grad():
@@ -37,12 +39,9 @@ class EncodedData:
                 posterior = vae.encode(pixels).latent_dist
                 means.append(posterior.mean.float().cpu())
                 stds.append(posterior.std.float().cpu())
-            captions = sorted(set(dataset.captions))
-            ids = tokenizer(
-                captions, padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids  # fmt: skip
-            embeddings = text_encoder(ids.to(device))[0].float().cpu()
+        captions = sorted(set(dataset.captions))
+        resolution = int(dataset.pixels[0].shape[-1]) if len(dataset) else 0
+        embeddings = encode_captions(pipeline, captions, device, resolution)
         # The VAE hands back channels-last latents. oneDNN's CPU convolution backward in torch
         # 2.13 segfaults on channels-last inputs once some (not all) conv weights are frozen, so
         # every latent leaves here in the default memory format.

@@ -39,7 +39,7 @@ from guardtune.distributed import is_main_process
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import DataError, PolicyError
-from guardtune.models import load_pipeline
+from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from guardtune.training.config import (
@@ -135,7 +135,7 @@ def finetune(
     pipeline = load_pipeline(source, device=device, dtype=torch.float32, expected=expected)
     unet = pipeline.unet
     frozen = frozen_unet_names(verified.policy if verified else None)
-    summary = freeze_for_training(unet, frozen, pipeline.vae, pipeline.text_encoder)
+    summary = freeze_for_training(unet, frozen, *encoders(pipeline))
     guard = None
     if verified is not None:
         records = {r.name: r for r in model_tensors(source, ("unet",))["unet"]}
@@ -149,8 +149,8 @@ def finetune(
     prior = None
     if class_scan is not None:
         prior = EncodedData(pipeline, ImageCaptionDataset(class_scan, resolution), device)
-    pipeline.vae.to("cpu")
-    pipeline.text_encoder.to("cpu")
+    for module in encoders(pipeline):
+        module.to("cpu")
 
     # Adapt: the unfrozen UNet tensors train, or LoRA adapters on unfrozen projections.
     if config.lora:
@@ -351,8 +351,8 @@ def write_output(
             save_file(tensors, str(temporary), metadata=metadata)
     else:
         pipeline.unet = unet
-        pipeline.vae.to(unet.device)
-        pipeline.text_encoder.to(unet.device)
+        for module in encoders(pipeline):
+            module.to(unet.device)
         with atomic.staged_dir(out / "model") as staging:
             pipeline.save_pretrained(staging, safe_serialization=True)
             if verified is not None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from guardtune.training.conditioning import unet_inputs
+
 
 def denoising_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
     """What the UNet learns to predict: the noise, or the velocity on v-prediction models."""
@@ -50,8 +52,10 @@ def pose(scheduler, latents, noise, timesteps) -> DenoisingProblem:
 def predict(unet, problem: DenoisingProblem, states: torch.Tensor) -> torch.Tensor:
     """The UNet's prediction for `problem` on the UNet's device, in fp32."""
     device = next(unet.parameters()).device
-    inputs = problem.noisy.to(device), problem.timesteps.to(device), states.to(device)
-    return unet(*inputs).sample.float()
+    conditioning = unet_inputs(unet, states.to(device))
+    return unet(
+        problem.noisy.to(device), problem.timesteps.to(device), **conditioning
+    ).sample.float()
 
 
 def diffusion_loss(

@@ -118,8 +118,9 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
 
     from guardtune.contract import default_device
     from guardtune.enforce.freeze import freeze_for_training
-    from guardtune.models import load_pipeline
+    from guardtune.models import encoders, load_pipeline
     from guardtune.resolve import ModelSource
+    from guardtune.training.conditioning import random_conditioning, unet_inputs
     from guardtune.training.config import TrainConfig, attach_lora, build_optimizer
 
     config = TrainConfig(**spec["config"])
@@ -131,12 +132,14 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
     pipeline = load_pipeline(source, device=device, dtype=torch.float32)
     unet = pipeline.unet
     frozen = set(spec["frozen"])
-    freeze_for_training(unet, frozen, pipeline.vae, pipeline.text_encoder)
+    freeze_for_training(unet, frozen, *encoders(pipeline))
     latent_size = spec["resolution"] // pipeline.vae_scale_factor
     channels = unet.config.in_channels
-    tokens = pipeline.tokenizer.model_max_length
-    hidden = pipeline.text_encoder.config.hidden_size
-    del pipeline.vae, pipeline.text_encoder  # the real run caches their outputs, too
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    states = random_conditioning(pipeline, config.batch_size, generator).to(device)
+    conditioning = unet_inputs(unet, states)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        setattr(pipeline, name, None)  # the real run caches their outputs, too
     if config.lora:
         attach_lora(unet, frozen, config)
     if config.gradient_checkpointing:
@@ -144,10 +147,8 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["mixed_precision"])
-    generator = torch.Generator(device="cpu").manual_seed(0)
     batch = config.batch_size
     latents = torch.randn(batch, channels, latent_size, latent_size, generator=generator).to(device)
-    states = torch.randn(batch, tokens, hidden, generator=generator).to(device)
     timesteps = torch.randint(1000, (batch,), generator=generator).to(device)
     if cuda:
         torch.cuda.synchronize()
@@ -159,7 +160,7 @@ def probe_main(spec: dict[str, Any]) -> ProbeResult:
             began = time.perf_counter()
             for _ in range(config.grad_accum):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = unet(latents, timesteps, states).sample.float().pow(2).mean()
+                    loss = unet(latents, timesteps, **conditioning).sample.float().pow(2).mean()
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -102,11 +102,15 @@ def fingerprint_of(digests: dict[str, str]) -> ComponentFingerprint:
 
 
 def model_tensors(
-    source: ModelSource, components: Iterable[str] = COMPONENTS
+    source: ModelSource, components: Iterable[str] | None = None
 ) -> dict[str, list[TensorRecord]]:
-    """Tensor records per component, names prefixed `component.`, for a folder or single file."""
+    """Tensor records per component, names prefixed `component.`, for a folder or single file.
+
+    `components=None` means every component that holds weights (a single file: `COMPONENTS`).
+    """
     result: dict[str, list[TensorRecord]] = {}
     if source.kind == "single_file":
+        components = COMPONENTS if components is None else components
         records = read_header(source.path)
         if any(r.name.startswith(LDM_UNET_PREFIX) for r in records):
             raise DataError(
@@ -121,7 +125,7 @@ def model_tensors(
             result[component] = part
         return result
     manifest = resolve_folder(source.path, source.variant, source.root)
-    for component in components:
+    for component in manifest.weighted if components is None else components:
         if component not in manifest.components:
             raise DataError(f"{source.label} has no {component}")
         result[component] = list(manifest.components[component].tensors)
@@ -137,7 +141,7 @@ def model_configs(source: ModelSource) -> dict[str, str] | None:
 
 
 def fingerprint_model(
-    source: ModelSource, components: Iterable[str] = COMPONENTS
+    source: ModelSource, components: Iterable[str] | None = None
 ) -> dict[str, ComponentFingerprint]:
     """Fingerprint each component of a model as stored on disk."""
     return fingerprint_components(model_tensors(source, components))
@@ -229,7 +233,15 @@ def compare_configs(expected: dict[str, str] | None, actual: dict[str, str] | No
 def compare_fingerprints(
     expected: dict[str, ComponentFingerprint], actual: dict[str, ComponentFingerprint]
 ) -> None:
-    """ModelMismatchError naming the first component and tensor that differ."""
+    """ModelMismatchError naming the first component and tensor that differ; a component with
+    weights that the policy does not bind (SDXL's second text encoder under a policy made
+    without it) is a mismatch too."""
+    unbound = sorted(set(actual) - set(expected))
+    if unbound:
+        raise ModelMismatchError(
+            f"model does not match the policy: its {unbound[0]} is not bound by the policy",
+            hint="use the exact model the policy was published for",
+        )
     for component, want in sorted(expected.items()):
         have = actual.get(component)
         if have is None:

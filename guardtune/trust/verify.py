@@ -155,7 +155,7 @@ def verify_policy(
     current = now or datetime.now(timezone.utc)
     if parse_time(policy.created_at, "created_at") > current + CLOCK_SKEW:
         raise PolicyError(f"policy {path.name} was created in the future ({policy.created_at})")
-    records = model_tensors(source, tuple(policy.model))  # a corrupt file: DataError
+    records = model_tensors(source)  # every component with weights; a corrupt file: DataError
     if fingerprint:
         compare_binding(policy.binding, fingerprint_components(records), model_configs(source))
     _check_frozen(policy, records.get("unet", []), path)

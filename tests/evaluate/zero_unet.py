@@ -12,7 +12,7 @@ class ZeroUNet(torch.nn.Module):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, sample, timestep, states):
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         return UNet2DConditionOutput(sample=sample * self.scale)
 
 
