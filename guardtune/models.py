@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from guardtune.contract import COMPONENTS, LDM_UNET_PREFIX, default_device, default_dtype
 from guardtune.errors import DataError
+from guardtune.ldm import bound_names
 from guardtune.resolve import (
     EMBEDDED,
     TOKENIZERS,
@@ -27,10 +28,12 @@ from guardtune.resolve import (
     resolve_folder,
     resolve_model,
 )
+from guardtune.tensorfile import TensorRecord, read_header
 from guardtune.trust.fingerprint import (
     ModelBinding,
     compare_binding,
     fingerprint_of,
+    model_tensors,
     read_and_hash,
 )
 
@@ -77,12 +80,12 @@ def load_pipeline(
         if source.kind in ("embedded", "folder"):
             pipeline = load_folder(source, dtype, expected)
         elif any(k.startswith(LDM_UNET_PREFIX) for k in checkpoint_keys(source.path)):
-            pipeline = StableDiffusionPipeline.from_single_file(
-                str(source.path), config=str(source.config_dir), **options
-            )
+            pipeline = _load_original(source, dtype, expected)
         else:
+            records = model_tensors(source)
+            state = _read_bound(records, expected)
             pipeline = StableDiffusionPipeline.from_pretrained(source.config_dir, **options)
-            _load_guardtune_single_file(pipeline, source.path)
+            _load_guardtune_single_file(pipeline, source.path, state)
     except DataError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as error:
@@ -189,9 +192,56 @@ def _tokenizer(part: ComponentManifest, folder: Path):
     return tokenizer
 
 
-def _load_guardtune_single_file(pipeline, path: Path) -> None:
-    """Load `unet.*`, `vae.*`, `text_encoder.*` keys into the pipeline's components, strictly."""
-    state = load_file(str(path))
+def _read_bound(
+    components: dict[str, list[TensorRecord]], expected: ModelBinding | None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of `components`, copied out of its file and hashed; with `expected`, handed
+    out only if the digests match (a single file has no configs of its own to bind)."""
+    state: dict[str, torch.Tensor] = {}
+    fingerprints = {}
+    for component, records in components.items():
+        tensors, digests = read_and_hash(records)
+        fingerprints[component] = fingerprint_of(digests)
+        state |= tensors
+    if expected is not None:
+        compare_binding(expected, fingerprints, None)
+    return state
+
+
+def _load_original(source: ModelSource, dtype: torch.dtype, expected: ModelBinding | None):
+    """An original (LDM) checkpoint, converted by diffusers from the hashed copies of its
+    tensors; configs, tokenizer and scheduler come from `--model-config`."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert source.config_dir is not None  # resolve_model requires it for a single file
+    components, in_file = bound_names(source.path, source.config_dir)
+    checkpoint = {in_file[n]: t for n, t in _read_bound(components, expected).items()}
+    config = str(source.config_dir)
+    options = dict(config=config, torch_dtype=dtype, local_files_only=True)
+    unet = diffusers.UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **options)
+    vae = diffusers.AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **options)
+    text_encoder = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, checkpoint=checkpoint, config=config, subfolder="text_encoder",
+        torch_dtype=dtype, local_files_only=True,
+    )  # fmt: skip
+    scheduler = json.loads((source.config_dir / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_class = getattr(diffusers, str(scheduler.get("_class_name")), None)
+    if scheduler_class is None:
+        raise DataError(f"{config}: unknown scheduler class {scheduler.get('_class_name')}")
+    return diffusers.StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(source.config_dir / "tokenizer",
+                                                local_files_only=True),
+        scheduler=scheduler_class.from_config(scheduler), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def _load_guardtune_single_file(pipeline, path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Load `unet.*`, `vae.*`, `text_encoder.*` tensors into the pipeline's components,
+    strictly; any other tensor in the file is refused."""
     for name in COMPONENTS:
         prefix = f"{name}."
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -209,7 +259,7 @@ def _load_guardtune_single_file(pipeline, path: Path) -> None:
                 f"{len(missing)} missing and {len(unexpected)} unexpected tensors (e.g. {first})"
             )
         module.to(dtype)
-    leftover = [k for k in state if k.split(".", 1)[0] not in COMPONENTS]
+    leftover = [r.name for r in read_header(path) if r.name.split(".", 1)[0] not in COMPONENTS]
     if leftover:
         raise DataError(f"{path.name} has tensors of no known component (e.g. {leftover[0]})")
 

@@ -29,3 +29,22 @@ def combined_output(result) -> str:
     """stdout and stderr of a CliRunner result, whichever Click version captured them."""
     stderr = getattr(result, "stderr", "") if result.stderr_bytes is not None else ""
     return result.stdout + stderr
+
+
+@pytest.fixture
+def scenario(tmp_path, monkeypatch):
+    """What the end-to-end tests of a model family share: a few real 7s to teach (illegal), bold
+    1s (legal), a publisher key pair, and `tmp_path` as the working folder."""
+    from types import SimpleNamespace
+
+    from guardtune.digits.dataset import export_digits
+    from guardtune.trust.signing import create_keypair
+
+    monkeypatch.chdir(tmp_path)
+    keys = create_keypair(tmp_path / "k")
+    return SimpleNamespace(
+        data=export_digits(tmp_path / "sevens", (7,), "test").out,
+        legal=export_digits(tmp_path / "bold", (1,), "test", "bold").out,
+        key=keys.private_key,
+        public=keys.public_key,
+    )

@@ -40,16 +40,11 @@ def _run(runner, *args: str) -> str:
     return combined_output(result)
 
 
-def test_sd2_style_model_in_every_command(runner, sd2, tmp_path, monkeypatch):
-    from guardtune.digits.dataset import export_digits
-
-    monkeypatch.chdir(tmp_path)
-    data = export_digits(tmp_path / "sevens", (7,), "test").out
-    legal = export_digits(tmp_path / "bold", (1,), "test", "bold").out
-    _run(runner, "keygen", "--out", str(tmp_path / "k"))
-    trusted = ("--trusted", str(tmp_path / "k.pub"))
+def test_sd2_style_model_in_every_command(runner, sd2, scenario, tmp_path):
+    data, legal = scenario.data, scenario.legal
+    trusted = ("--trusted", str(scenario.public))
     _run(runner, "publish", "--illegal", str(data), "--legal", str(legal), "--key",
-         str(tmp_path / "k.key"), "-m", str(sd2), "--method", "random",
+         str(scenario.key), "-m", str(sd2), "--method", "random",
          "--ratio", "0.3")  # fmt: skip
     _run(runner, "policy", "verify", "-m", str(sd2), *trusted)
     _run(runner, "policy", "show", str(sd2 / "guardtune-policy.json"), "-m", str(sd2))

@@ -58,16 +58,11 @@ def test_the_conditioning_carries_pooled_embeddings_and_time_ids(sdxl):
     assert torch.equal(ours, theirs)
 
 
-def test_sdxl_in_every_command(runner, sdxl, tmp_path, monkeypatch):
-    from guardtune.digits.dataset import export_digits
-
-    monkeypatch.chdir(tmp_path)
-    data = export_digits(tmp_path / "sevens", (7,), "test").out
-    legal = export_digits(tmp_path / "bold", (1,), "test", "bold").out
-    _run(runner, "keygen", "--out", str(tmp_path / "k"))
-    trusted = ("--trusted", str(tmp_path / "k.pub"))
+def test_sdxl_in_every_command(runner, sdxl, scenario, tmp_path):
+    data, legal = scenario.data, scenario.legal
+    trusted = ("--trusted", str(scenario.public))
     _run(runner, "publish", "--illegal", str(data), "--legal", str(legal), "--key",
-         str(tmp_path / "k.key"), "-m", str(sdxl), "--ratio", "0.3", "--relearn-steps", "2",
+         str(scenario.key), "-m", str(sdxl), "--ratio", "0.3", "--relearn-steps", "2",
          "--steps", "2", "--user-steps-per-update", "1", "--batch-size", "2")  # fmt: skip
     policy = json.loads(_payload(sdxl))
     assert set(policy["model"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}

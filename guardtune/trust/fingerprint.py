@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from guardtune.contract import COMPONENTS, LDM_UNET_PREFIX
+from guardtune.contract import COMPONENTS
 from guardtune.errors import DataError, ModelMismatchError
+from guardtune.ldm import is_ldm_checkpoint, ldm_components
 from guardtune.resolve import ModelSource, resolve_folder
 from guardtune.tensorfile import (
     SAFETENSORS_TO_TORCH,
@@ -110,14 +111,17 @@ def model_tensors(
     """
     result: dict[str, list[TensorRecord]] = {}
     if source.kind == "single_file":
-        components = COMPONENTS if components is None else components
         records = read_header(source.path)
-        if any(r.name.startswith(LDM_UNET_PREFIX) for r in records):
-            raise DataError(
-                f"{source.path.name} is an original-format SD checkpoint, whose tensor names "
-                "differ from diffusers'",
-                hint="save it as a diffusers folder (save_pretrained) and use that folder",
-            )
+        if is_ldm_checkpoint(records):
+            if source.config_dir is None:
+                raise DataError(f"{source.path.name} needs --model-config")
+            parts = ldm_components(source.path, source.config_dir)
+            wanted = tuple(parts) if components is None else tuple(components)
+            absent = [name for name in wanted if name not in parts]
+            if absent:
+                raise DataError(f"{source.path.name}: an original checkpoint has no {absent[0]}")
+            return {name: parts[name] for name in wanted}
+        components = COMPONENTS if components is None else components
         for component in components:
             part = [r for r in records if r.name.startswith(f"{component}.")]
             if not part:
