@@ -28,6 +28,7 @@ from guardtune.render import (
     render_data_digits,
     render_demo,
     render_evaluate,
+    render_export,
     render_finetune,
     render_generate,
     render_keygen,
@@ -543,6 +544,25 @@ def audit(
             soft_wrap=True,
         )
         raise typer.Exit(int(ExitCode.INTEGRITY_VIOLATION))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A `guardtune finetune` output folder.")],
+    to: Annotated[
+        str,
+        typer.Option(help="kohya (a LoRA run, for ComfyUI/A1111) or single-file (a full run)."),
+    ],
+    out: Annotated[Path, typer.Option(help="The .safetensors file to write.")],
+    json_path: JsonOption = None,
+) -> None:
+    """Write a fine-tune as the files other tools load, its provenance in the metadata."""
+    from guardtune.export import export as run_export
+
+    run_command(lambda: run_export(run, out, to=to), json_path, render_export)
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from guardtune.digits.demo import DemoReport, DemoRow
     from guardtune.enforce.audit import AuditReport
     from guardtune.evaluate.run import EvaluationResult
+    from guardtune.export import ExportResult
     from guardtune.generate import GenerateResult
     from guardtune.publish import PublishResult
     from guardtune.training.finetune import TrainResult
@@ -199,6 +200,12 @@ def render_finetune(result: TrainResult) -> None:
 
 
 # ----------------------------------------------------------------------------- audit
+
+
+def render_export(result: ExportResult) -> None:
+    rows = [("run", str(result.run)), ("format", result.format), ("written", str(result.out))]
+    rows += [("tensors", str(result.tensors)), ("seconds", f"{result.seconds:.1f}")]
+    console.print(_table("Exported", rows))
 
 
 def render_audit(report: AuditReport) -> None:

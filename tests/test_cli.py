@@ -223,6 +223,13 @@ def test_evaluate_defaults_are_the_evaluations_and_its_configs_defaults():
     _assert_defaults(cli.evaluate, expected, cli_only={"plot", "work_dir"}, passed=passed)
 
 
+def test_export_has_no_defaults_of_its_own():
+    from guardtune.export import export
+
+    assert _defaults(export) == {}
+    _assert_defaults(cli.export, {})
+
+
 def test_demo_defaults_are_run_demo_defaults():
     from guardtune.digits.demo import run_demo
 

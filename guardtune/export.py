@@ -1,0 +1,97 @@
+"""Exporting a fine-tune to the files other tools load (`guardtune export`).
+
+- `kohya`: a LoRA run's adapters in kohya's naming, the form ComfyUI's and AUTOMATIC1111's LoRA
+  loaders and diffusers' `load_lora_weights` read: `lora_unet_<module>.lora_down.weight`,
+  `.lora_up.weight` and `.alpha`, the module named as diffusers names it with dots as
+  underscores (what kohya's scripts write for SD 1.x and 2.x).
+- `single-file`: a full fine-tune as one original Stable Diffusion checkpoint (LDM names, see
+  `guardtune.ldm`), for SD 1.x pipelines.
+
+Each export carries the run's provenance in its safetensors metadata, so `audit` checks an
+export as it checks the run. Reads the run folder `finetune` wrote; writes one file atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from guardtune import atomic
+from guardtune.contract import (
+    LORA_FILE,
+    PROVENANCE_FILE,
+    PROVENANCE_METADATA_KEY,
+    read_small_file,
+)
+from guardtune.errors import DataError, UsageError
+from guardtune.tensorfile import read_header_and_metadata
+
+FORMATS = ("kohya", "single-file")
+KOHYA_PREFIX = "lora_unet_"
+# diffusers' spelling of a LoRA tensor in files `finetune` writes -> kohya's.
+_PARTS = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run: Path
+    out: Path
+    format: str
+    tensors: int
+    seconds: float
+
+
+def export(run: Path, out: Path, *, to: str) -> ExportResult:
+    """Write the fine-tune in `run` (a `finetune --out` folder) to `out` in format `to`."""
+    start = time.perf_counter()
+    run, out = Path(run), Path(out)
+    if to not in FORMATS:
+        raise UsageError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out} must end in .safetensors")
+    if not run.is_dir():
+        raise DataError(f"{run} is not a run folder of `guardtune finetune`")
+    state, provenance = _kohya(run) if to == "kohya" else _single_file(run)
+    metadata = {"format": "pt"} | ({PROVENANCE_METADATA_KEY: provenance} if provenance else {})
+    with atomic.replacing(out) as temporary:
+        from safetensors.torch import save_file
+
+        save_file(state, str(temporary), metadata=metadata)
+    return ExportResult(run, out, to, len(state), time.perf_counter() - start)
+
+
+def _kohya(run: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    from safetensors.torch import load_file
+
+    source = run / LORA_FILE
+    if not source.is_file():
+        raise DataError(f"{run} holds no LoRA file ({LORA_FILE}): was it a LoRA run?")
+    _, metadata = read_header_and_metadata(source)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(str(source)).items():
+        part = next((p for p in _PARTS if key.endswith(p)), None)
+        if not key.startswith("unet.") or part is None:
+            raise DataError(f"{source.name}: cannot export tensor {key} in kohya naming")
+        module = key[len("unet.") : -len(part)].replace(".", "_")
+        state[KOHYA_PREFIX + module + _PARTS[part]] = tensor
+        if part == ".lora.down.weight":
+            # finetune trains with lora_alpha = rank: the update is scaled by alpha / rank = 1.
+            rank = tensor.shape[0]
+            state[f"{KOHYA_PREFIX}{module}.alpha"] = torch.tensor(float(rank))
+    return state, metadata.get(PROVENANCE_METADATA_KEY)
+
+
+def _single_file(run: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    from guardtune.ldm import ldm_state
+    from guardtune.models import load_pipeline
+
+    folder = run / "model"
+    if not (folder / "model_index.json").is_file():
+        raise DataError(f"{run} holds no model folder: was it a full fine-tune?")
+    pipeline = load_pipeline(str(folder), device=torch.device("cpu"), dtype=torch.float32)
+    record = folder / PROVENANCE_FILE
+    provenance = read_small_file(record, "provenance").decode() if record.exists() else None
+    return ldm_state(pipeline), provenance
