@@ -184,7 +184,9 @@ def data_digits(
         str, typer.Option(help="train, test or all; train and test never overlap.")
     ] = ("train"),
     style: Annotated[str, typer.Option(help="plain, bold, slant or outline strokes.")] = "plain",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")
+    ] = False,
     json_path: JsonOption = None,
 ) -> None:
     """Export real handwritten digits (scikit-learn's) as a ready training folder."""
@@ -277,7 +279,10 @@ def keygen(
     out: Annotated[Path, typer.Option(help="Path prefix: writes PREFIX.key and PREFIX.pub.")],
     key_type: Annotated[str, typer.Option("--type", help="ed25519 or ecdsa-p256.")] = "ed25519",
     passphrase: Annotated[
-        bool, typer.Option(help="Encrypt the private key (prompted, or $GUARDTUNE_KEY_PASSPHRASE).")
+        bool,
+        typer.Option(
+            "--passphrase", help="Encrypt the private key (prompted, or $GUARDTUNE_KEY_PASSPHRASE)."
+        ),
     ] = False,
     json_path: JsonOption = None,
 ) -> None:
@@ -387,12 +392,14 @@ def publish(
     ] = 50,
     mask_lr: Annotated[float, typer.Option(help="Mask step size.")] = 0.05,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per half-batch.")] = 8,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the learner's batches, noise and init.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Policy file (default: in the model).")] = None,
     work_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints (default: runs/publish/<model>).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in the work folder.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in the work folder.")
+    ] = False,
     json_path: JsonOption = None,
 ) -> None:
     """Learn which UNet tensors to freeze (FreezeAsGuard) and sign the policy.
@@ -435,35 +442,51 @@ def finetune(
     variant: VariantOption = None,
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
-    no_policy: Annotated[bool, typer.Option(help="Train a model that has no policy.")] = False,
+    no_policy: Annotated[
+        bool, typer.Option("--no-policy", help="Train a model that has no policy.")
+    ] = False,
     ignore_shipped_policy: Annotated[
         bool,
         typer.Option(
+            "--ignore-shipped-policy",
             help="Train a model that ships a policy without it (--no-policy) or with another "
-            "(--policy); recorded in the run's provenance."
+            "(--policy); recorded in the run's provenance.",
         ),
     ] = False,
     lora: Annotated[
-        bool, typer.Option(help="Train LoRA adapters instead of full weights.")
+        bool, typer.Option("--lora", help="Train LoRA adapters instead of full weights.")
     ] = False,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 4,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per micro-batch.")] = 8,
     grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
     lr: Annotated[float | None, typer.Option(help="Learning rate (1e-5 full, 1e-4 LoRA).")] = None,
-    lr_scheduler: Annotated[str, typer.Option(help="constant, linear, cosine, ...")] = "constant",
-    warmup_steps: Annotated[int, typer.Option(min=0)] = 0,
+    lr_scheduler: Annotated[
+        str, typer.Option(help="constant, constant_with_warmup, linear, cosine, ... (diffusers').")
+    ] = "constant",
+    warmup_steps: Annotated[
+        int, typer.Option(min=0, help="Steps over which the learning rate rises from 0.")
+    ] = 0,
     resolution: Annotated[int | None, typer.Option(help="Training size (model's own).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of batches, noise and LoRA init; the same seed, the same run.")
+    ] = 0,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting.")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option()] = False,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing", help="Recompute activations in backward to save memory."
+        ),
+    ] = False,
     mixed_precision: Annotated[str, typer.Option(help="auto, no, bf16 or fp16.")] = "auto",
     optimizer: Annotated[str, typer.Option(help="adamw or adamw8bit.")] = "adamw",
-    caption_column: Annotated[str, typer.Option()] = "text",
+    caption_column: Annotated[str, typer.Option(help="Caption column of metadata.jsonl.")] = "text",
     instance_prompt: Annotated[str | None, typer.Option(help="DreamBooth prompt.")] = None,
     class_data: Annotated[Path | None, typer.Option(help="Prior-preservation images.")] = None,
     class_prompt: Annotated[str | None, typer.Option(help="Prompt of the class images.")] = None,
-    prior_loss_weight: Annotated[float, typer.Option()] = 1.0,
+    prior_loss_weight: Annotated[
+        float, typer.Option(help="Weight of the prior-preservation loss (with --class-data).")
+    ] = 1.0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps.")] = 0,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
     compare: Annotated[
@@ -476,16 +499,17 @@ def finetune(
     from guardtune.training.config import TrainConfig
     from guardtune.training.finetune import finetune as run_finetune
 
-    config = TrainConfig(
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, resolution=resolution, seed=seed,
-        lora=lora, rank=rank, snr_gamma=snr_gamma, prior_loss_weight=prior_loss_weight,
-        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-        optimizer=optimizer, checkpoint_every=checkpoint_every,
-    )  # fmt: skip
     main = is_main_process()
 
     def action() -> TrainResult:
+        config = TrainConfig(  # its checks of the choices get the error contract here
+            steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+            lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, resolution=resolution,
+            seed=seed, lora=lora, rank=rank, snr_gamma=snr_gamma,
+            prior_loss_weight=prior_loss_weight, gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision, optimizer=optimizer,
+            checkpoint_every=checkpoint_every,
+        )  # fmt: skip
         result = run_finetune(
             data, out, model=_source(model, model_config, revision, variant), policy=policy,
             trusted=tuple(trusted or ()), no_policy=no_policy,
@@ -523,7 +547,10 @@ def audit(
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     strict: Annotated[
-        bool, typer.Option(help="Refuse frozen tensors rounded to another dtype (e.g. fp16).")
+        bool,
+        typer.Option(
+            "--strict", help="Refuse frozen tensors rounded to another dtype (e.g. fp16)."
+        ),
     ] = False,
     json_path: JsonOption = None,
 ) -> None:

@@ -197,6 +197,8 @@ def render_finetune(result: TrainResult) -> None:
     console.print(_table("Fine-tuned", rows))
     if result.savings is not None:
         render_savings(result.savings)
+    elif result.savings_missing:
+        console.print(f"[yellow]no savings comparison:[/] {result.savings_missing}")
 
 
 # ----------------------------------------------------------------------------- audit

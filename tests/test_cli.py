@@ -236,3 +236,43 @@ def test_demo_defaults_are_run_demo_defaults():
     library = _defaults(run_demo)
     expected = {"samples": library["samples_per_digit"], "steps": library["finetune_steps"]}
     _assert_defaults(cli.demo, expected, cli_only={"out"})
+
+
+# ----------------------------------------------------------------------------- option hygiene
+
+
+def _commands(command, path=()):
+    subcommands = getattr(command, "commands", None)
+    if subcommands:
+        for name, sub in subcommands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+def test_every_option_says_what_it_does_and_only_flags_that_default_on_can_be_negated():
+    import typer.main
+
+    for name, command in _commands(typer.main.get_command(cli.app)):
+        for parameter in command.params:
+            assert getattr(parameter, "help", None), f"{name} {parameter.opts} has no help"
+            negations = getattr(parameter, "secondary_opts", [])
+            assert not negations or parameter.default is True, f"{name} {negations}"
+
+
+def test_bad_choices_are_usage_errors_before_anything_loads(runner, tmp_path):
+    # The data folder is empty: reaching it would be exit 3, so exit 2 shows the order.
+    for option, value in (("--lr-scheduler", "bogus"), ("--mixed-precision", "fp8"),
+                          ("--optimizer", "sgd")):  # fmt: skip
+        result = runner.invoke(cli.app, ["finetune", str(tmp_path), option, value])
+        assert result.exit_code == 2, combined_output(result)
+        assert f"{option} must be one of" in combined_output(result)
+        assert "Traceback" not in combined_output(result)
+
+
+def test_the_lr_schedules_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    from guardtune.training.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}

@@ -14,7 +14,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from guardtune.enforce.freeze import lora_target_modules
-from guardtune.errors import DataError
+from guardtune.errors import DataError, UsageError
+
+# The learning-rate schedules of diffusers' `get_scheduler` (its SchedulerType), spelled here so
+# that a wrong name is refused before diffusers is imported; a test keeps the two in step.
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "piecewise_constant",
+)  # fmt: skip
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,16 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 0
 
+    def __post_init__(self) -> None:
+        """Choices are checked when the options are made, before anything is loaded (exit 2)."""
+        for option, value, choices in (
+            ("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS),
+            ("--mixed-precision", self.mixed_precision, MIXED_PRECISION),
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+        ):
+            if value not in choices:
+                raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.lora else 1e-5)
@@ -54,8 +73,6 @@ def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=1e-2)
-    if config.optimizer != "adamw":
-        raise DataError(f"unknown optimizer {config.optimizer!r}; choose adamw or adamw8bit")
     # The fused kernel is ~4x faster on CPU and the fastest on CUDA.
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2, fused=True)
 
@@ -66,8 +83,6 @@ def resolve_mixed_precision(config: TrainConfig, cuda: bool) -> str:
         if not cuda:
             return "no"  # bf16 autocast is 8-24x slower than fp32 on CPU
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if config.mixed_precision not in ("no", "bf16", "fp16"):
-        raise DataError("--mixed-precision must be auto, no, bf16 or fp16")
     return config.mixed_precision
 
 

@@ -38,7 +38,7 @@ from guardtune.data import ImageCaptionDataset, scan_folder
 from guardtune.distributed import is_main_process
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
-from guardtune.errors import DataError, PolicyError
+from guardtune.errors import DataError, GuardtuneError, PolicyError
 from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -74,6 +74,7 @@ class TrainResult:
     seconds: float
     losses: tuple[float, ...] = field(default=())
     savings: SavingsReport | None = None
+    savings_missing: str | None = None  # why the comparison failed, when it did
     processes: int = 1
     ignored_policy: Path | None = None  # the model's own policy, set aside on request
     removed_staging: tuple[str, ...] = ()  # what a killed run left half-written in `out`
@@ -275,7 +276,7 @@ def finetune(
     accelerator.wait_for_everyone()
 
     # Compare: the same run with nothing frozen, each in a fresh process.
-    savings = None
+    savings, savings_missing = None, None
     if compare and accelerator.is_main_process:
         spec = {
             "kind": source.kind, "path": str(source.path),
@@ -283,7 +284,10 @@ def finetune(
             "config": asdict(config), "resolution": resolution, "optimizer": config.optimizer,
             "mixed_precision": accelerator.mixed_precision,
         }  # fmt: skip
-        savings = measure_savings(spec, sorted(frozen), summary)
+        try:
+            savings = measure_savings(spec, sorted(frozen), summary)
+        except GuardtuneError as error:  # the run is written; a failed comparison cannot undo it
+            savings_missing = error.one_line()
     timed = step_times[1:] or step_times  # the first step pays for lazy initialisation
     return TrainResult(
         out=out,
@@ -300,6 +304,7 @@ def finetune(
         seconds=time.perf_counter() - start_time,
         losses=tuple(losses),
         savings=savings,
+        savings_missing=savings_missing,
         processes=world,
         ignored_policy=ignored,
         removed_staging=run_folder.removed,

@@ -59,7 +59,10 @@ def optimizer_bytes_per_param(optimizer: str) -> int:
 def run_probe(spec: dict[str, Any]) -> ProbeResult:
     """Run one probe in a fresh interpreter and parse its JSON line."""
     command = [sys.executable, "-m", "guardtune.training.savings", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired as error:
+        raise GuardtuneError("the savings probe ran past 30 minutes") from error
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

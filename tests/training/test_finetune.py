@@ -433,3 +433,19 @@ def test_encoded_sets_concatenate_with_their_own_captions(embedded_pipeline, dat
     assert torch.equal(joined.embeddings[first], parts[0].embeddings[parts[0].caption_row[0]])
     assert torch.equal(joined.embeddings[last], parts[1].embeddings[parts[1].caption_row[-1]])
     assert not torch.equal(joined.embeddings[first], joined.embeddings[last])
+
+
+def test_a_failed_savings_probe_leaves_the_run_written_and_says_why(guarded, data, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    import guardtune.training.finetune as recipe
+    from guardtune.errors import GuardtuneError
+
+    def out_of_memory(*args, **kwargs):
+        raise GuardtuneError("the savings probe failed: CUDA out of memory")
+
+    monkeypatch.setattr(recipe, "measure_savings", out_of_memory)
+    result = finetune(data, tmp_path / "run", model=str(guarded), config=SMALL,
+                      show_progress=False)  # fmt: skip
+    assert result.savings is None
+    assert result.savings_missing == "the savings probe failed: CUDA out of memory"
+    assert (tmp_path / "run" / "model" / PROVENANCE_FILE).is_file()
