@@ -489,6 +489,13 @@ def finetune(
     ] = 1.0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps.")] = 0,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
+    save_as: Annotated[
+        str,
+        typer.Option(
+            help="Also write the result for other tools: kohya (a LoRA for ComfyUI/A1111) or "
+            "single-file (one original SD checkpoint); diffusers writes only the run's own."
+        ),
+    ] = "diffusers",
     compare: Annotated[
         bool, typer.Option(help="Probe the unfrozen run to measure savings.")
     ] = True,
@@ -515,7 +522,8 @@ def finetune(
             trusted=tuple(trusted or ()), no_policy=no_policy,
             ignore_shipped_policy=ignore_shipped_policy, config=config,
             caption_column=caption_column, instance_prompt=instance_prompt,
-            class_data=class_data, class_prompt=class_prompt, resume=resume, compare=compare,
+            class_data=class_data, class_prompt=class_prompt, resume=resume, save_as=save_as,
+            compare=compare,
         )  # fmt: skip
         if report is not None and result.savings is not None and main:
             atomic.write_json(report, jsonable(result.savings))

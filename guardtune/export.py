@@ -30,6 +30,9 @@ from guardtune.errors import DataError, UsageError
 from guardtune.tensorfile import read_header_and_metadata
 
 FORMATS = ("kohya", "single-file")
+# `finetune --save-as`: the run's own output (diffusers), or that and an export beside it.
+SAVE_AS = ("diffusers", *FORMATS)
+SAVED_NAMES = {"kohya": "lora-kohya.safetensors", "single-file": "model.safetensors"}
 KOHYA_PREFIX = "lora_unet_"
 # diffusers' spelling of a LoRA tensor in files `finetune` writes -> kohya's.
 _PARTS = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
@@ -61,6 +64,23 @@ def export(run: Path, out: Path, *, to: str) -> ExportResult:
 
         save_file(state, str(temporary), metadata=metadata)
     return ExportResult(run, out, to, len(state), time.perf_counter() - start)
+
+
+def check_save_as(save_as: str, lora: bool) -> None:
+    """UsageError (exit 2) unless `finetune --save-as` can write `save_as` for this run."""
+    if save_as not in SAVE_AS:
+        raise UsageError(f"--save-as must be one of {', '.join(SAVE_AS)}, not {save_as!r}")
+    if save_as == "kohya" and not lora:
+        raise UsageError("--save-as kohya writes LoRA adapters: add --lora")
+    if save_as == "single-file" and lora:
+        raise UsageError("--save-as single-file writes a full fine-tune: drop --lora")
+
+
+def save_run_as(run: Path, save_as: str) -> Path | None:
+    """After `finetune` wrote `run`: its export in `save_as`, beside its own output."""
+    if save_as == "diffusers":
+        return None
+    return export(run, run / SAVED_NAMES[save_as], to=save_as).out
 
 
 def _kohya(run: Path) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -191,6 +191,8 @@ def render_finetune(result: TrainResult) -> None:
     share = f"{result.freeze.frozen_share:.1%} of UNet parameters"
     rows += [("frozen", f"{result.freeze.frozen_tensors} tensors, {share}")]
     rows += [("processes", str(result.processes)), ("seconds", f"{result.seconds:.1f}")]
+    if result.exported is not None:
+        rows += [("also saved as", str(result.exported))]
     if result.removed_staging:
         left = ", ".join(result.removed_staging)
         rows += [("cleaned up", f"half-written files of a killed run: {left}")]

@@ -99,3 +99,22 @@ def test_exports_refuse_what_they_cannot_write(runner, runs, tmp_path):
     _run(runner, "export", runs["root"] / "lora", "--to", "kohya", "--out", tmp_path / "x.pt",
          code=2)  # fmt: skip
     assert not out.exists()
+
+
+def test_finetune_saves_as_kohya_directly_and_the_export_passes_the_audit(runner, runs,
+                                                                             tmp_path):  # fmt: skip
+    from guardtune.export import SAVED_NAMES
+
+    data, run = runs["root"] / "sevens", tmp_path / "run"
+    common = ("finetune", data, "-m", runs["model"], "--steps", "1", "--batch-size", "2",
+              "--no-compare")  # fmt: skip
+    output = _run(runner, *common, "--out", run, "--save-as", "kohya", code=2)
+    assert "--save-as kohya writes LoRA adapters" in output and not run.exists()
+    _run(runner, *common, "--out", run, "--lora", "--rank", "2", "--save-as", "kohya")
+    exported = run / SAVED_NAMES["kohya"]
+    with safe_open(str(exported), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    report = tmp_path / "audit.json"
+    _run(runner, "audit", exported, "--base", runs["model"], "--json", report)
+    assert json.loads(report.read_text())["provenance"]["status"] == "consistent"

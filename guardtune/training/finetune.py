@@ -39,6 +39,7 @@ from guardtune.distributed import is_main_process
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import DataError, GuardtuneError, PolicyError
+from guardtune.export import check_save_as, save_run_as
 from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -75,6 +76,7 @@ class TrainResult:
     losses: tuple[float, ...] = field(default=())
     savings: SavingsReport | None = None
     savings_missing: str | None = None  # why the comparison failed, when it did
+    exported: Path | None = None  # the --save-as export beside the output
     processes: int = 1
     ignored_policy: Path | None = None  # the model's own policy, set aside on request
     removed_staging: tuple[str, ...] = ()  # what a killed run left half-written in `out`
@@ -102,16 +104,19 @@ def finetune(
     class_data: Path | None = None,
     class_prompt: str | None = None,
     resume: str | None = None,
+    save_as: str = "diffusers",
     compare: bool = True,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune `model` on the images in `data` under its verified policy; write to `out`."""
+    """Fine-tune `model` on the images in `data` under its verified policy; write to `out`
+    (and, with `save_as` kohya or single-file, that export of the result beside it)."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     start_time = time.perf_counter()
     out = Path(out)
+    check_save_as(save_as, config.lora)
     run_folder = check_run_folder(out, resume, is_main_process())
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(config, torch.cuda.is_available()),
@@ -271,8 +276,10 @@ def finetune(
         frozen_tensor_digests=dict(guard.entries) if guard else {},
         ignored_policy_sha256=hashlib.sha256(ignored.read_bytes()).hexdigest() if ignored else None,
     )
+    exported = None
     if accelerator.is_main_process:
         write_output(out, pipeline, unet, config.lora, provenance, verified)
+        exported = save_run_as(out, save_as)
     accelerator.wait_for_everyone()
 
     # Compare: the same run with nothing frozen, each in a fresh process.
@@ -305,6 +312,7 @@ def finetune(
         losses=tuple(losses),
         savings=savings,
         savings_missing=savings_missing,
+        exported=exported,
         processes=world,
         ignored_policy=ignored,
         removed_staging=run_folder.removed,
