@@ -4,9 +4,9 @@ Stages, in the order `finetune` runs them: claim the output folder (`training/ru
 verify (the policy, before anything is loaded for training) -> load (fp32 master weights) ->
 freeze (`enforce/freeze.py`) and arm the guard -> encode (latents and text embeddings, once) ->
 adapt (LoRA adapters on unfrozen projections, or the unfrozen UNet tensors) -> resume -> train
-(the text-to-image objective of diffusers' training script) with checkpoints -> guard (no frozen
-tensor moved) -> write (the pipeline or LoRA file, with its provenance) -> compare (what
-freezing saved, measured).
+(the text-to-image objective of diffusers' training script) with checkpoints and a log -> guard
+(no frozen tensor moved) -> write (the pipeline or LoRA file, with its provenance) -> compare
+(what freezing saved, measured).
 
 Every random draw of step s comes from a generator seeded with (seed, s, process), so a run
 resumed from a checkpoint takes the same batches, noise and timesteps as an uninterrupted one
@@ -50,6 +50,7 @@ from guardtune.training.config import (
     resolve_mixed_precision,
 )
 from guardtune.training.encode import EncodedData, data_digest
+from guardtune.training.log import LogRow, TrainLog, memory_now
 from guardtune.training.loss import diffusion_loss
 from guardtune.training.memory import peak_memory_bytes
 from guardtune.training.progress import track
@@ -197,6 +198,7 @@ def finetune(
         optimizer.load_state_dict(checkpoint.optimizer)
         lr_schedule.load_state_dict(checkpoint.scheduler)
         start_step = checkpoint.step
+    log = TrainLog.resumed(out, start_step) if start_step else TrainLog()
 
     # Train, into the folder this run now claims.
     run_folder = claim(run_folder)
@@ -233,6 +235,7 @@ def finetune(
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
             optimizer.step()
+            used_lr = float(lr_schedule.get_last_lr()[0])
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step_times.append(time.perf_counter() - began)
@@ -240,6 +243,7 @@ def finetune(
             loss_value = total if step == start_step else 0.9 * loss_value + 0.1 * total
             report(loss=loss_value, lr=float(lr_schedule.get_last_lr()[0]))
             done = step + 1
+            log.add(LogRow(done, total, used_lr, 1 / step_times[-1], memory_now(device)))
             if (
                 config.checkpoint_every
                 and done % config.checkpoint_every == 0
@@ -253,6 +257,7 @@ def finetune(
                         {n: p.detach() for n, p in trainable.items()},
                         optimizer.state_dict(), lr_schedule.state_dict(),
                     )  # fmt: skip
+                    log.write(out)
                 accelerator.wait_for_everyone()
 
     # Guard: nothing is written if a frozen tensor moved.
@@ -279,6 +284,7 @@ def finetune(
     exported = None
     if accelerator.is_main_process:
         write_output(out, pipeline, unet, config.lora, provenance, verified)
+        log.write(out)
         exported = save_run_as(out, save_as)
     accelerator.wait_for_everyone()
 

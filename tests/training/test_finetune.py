@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -220,6 +221,9 @@ def test_killed_run_resumes_to_the_same_weights(guarded, data, tmp_path):
     resumed = finetune(data, tmp_path / "killed", model=str(guarded), config=config,
                        resume="latest", compare=False, show_progress=False)  # fmt: skip
     assert 0 < resumed.resumed_from < 30
+    # The log reads as one run: the interrupted run's rows up to its checkpoint, then the rest.
+    with (tmp_path / "killed" / "train_log.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == list(range(1, 31))
     a = _unet_state(tmp_path / "straight" / "model")
     b = _unet_state(tmp_path / "killed" / "model")
     assert all(torch.equal(a[n], b[n]) for n in a)
