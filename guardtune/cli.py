@@ -488,6 +488,18 @@ def finetune(
         float, typer.Option(help="Weight of the prior-preservation loss (with --class-data).")
     ] = 1.0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps.")] = 0,
+    checkpoints_total_limit: Annotated[
+        int, typer.Option(min=0, help="Checkpoints to keep, the newest (0: all).")
+    ] = 2,
+    max_grad_norm: Annotated[
+        float, typer.Option(min=0, help="Clip the gradient norm to this (0: no clipping).")
+    ] = 1.0,
+    adam_beta1: Annotated[float, typer.Option(min=0, max=1, help="AdamW's beta1.")] = 0.9,
+    adam_beta2: Annotated[float, typer.Option(min=0, max=1, help="AdamW's beta2.")] = 0.999,
+    adam_weight_decay: Annotated[
+        float, typer.Option(min=0, help="AdamW's decoupled weight decay.")
+    ] = 1e-2,
+    adam_epsilon: Annotated[float, typer.Option(min=0, help="AdamW's epsilon.")] = 1e-8,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
     save_as: Annotated[
         str,
@@ -515,7 +527,9 @@ def finetune(
             seed=seed, lora=lora, rank=rank, snr_gamma=snr_gamma,
             prior_loss_weight=prior_loss_weight, gradient_checkpointing=gradient_checkpointing,
             mixed_precision=mixed_precision, optimizer=optimizer,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every, checkpoints_total_limit=checkpoints_total_limit,
+            max_grad_norm=max_grad_norm, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+            adam_weight_decay=adam_weight_decay, adam_epsilon=adam_epsilon,
         )  # fmt: skip
         result = run_finetune(
             data, out, model=_source(model, model_config, revision, variant), policy=policy,

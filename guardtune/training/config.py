@@ -45,8 +45,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # bf16/fp16 on GPU, fp32 ("no") on CPU
     optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
     checkpoint_every: int = 0
+    checkpoints_total_limit: int = 2  # 0: keep every checkpoint
 
     def __post_init__(self) -> None:
         """Choices are checked when the options are made, before anything is loaded (exit 2)."""
@@ -63,18 +68,23 @@ class TrainConfig:
         return self.lr if self.lr is not None else (1e-4 if self.lora else 1e-5)
 
     def digest(self) -> str:
-        """Identity of the options that shape the trajectory (not how often we checkpoint)."""
-        relevant = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        """Identity of the options that shape the trajectory (not how we checkpoint)."""
+        bookkeeping = ("checkpoint_every", "checkpoints_total_limit")
+        relevant = {k: v for k, v in asdict(self).items() if k not in bookkeeping}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig):
+    lr, betas = config.learning_rate, (config.adam_beta1, config.adam_beta2)
+    decay, eps = config.adam_weight_decay, config.adam_epsilon
     if config.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=1e-2)
+        return bnb.optim.AdamW8bit(parameters, lr=lr, betas=betas, weight_decay=decay, eps=eps)
     # The fused kernel is ~4x faster on CPU and the fastest on CUDA.
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2, fused=True)
+    return torch.optim.AdamW(
+        parameters, lr=lr, betas=betas, weight_decay=decay, eps=eps, fused=True
+    )
 
 
 def resolve_mixed_precision(config: TrainConfig, cuda: bool) -> str:

@@ -256,6 +256,7 @@ def finetune(
                         checkpoints, done, run_identity,
                         {n: p.detach() for n, p in trainable.items()},
                         optimizer.state_dict(), lr_schedule.state_dict(),
+                        keep=config.checkpoints_total_limit,
                     )  # fmt: skip
                     log.write(out)
                 accelerator.wait_for_everyone()

@@ -453,3 +453,18 @@ def test_a_failed_savings_probe_leaves_the_run_written_and_says_why(guarded, dat
     assert result.savings is None
     assert result.savings_missing == "the savings probe failed: CUDA out of memory"
     assert (tmp_path / "run" / "model" / PROVENANCE_FILE).is_file()
+
+
+def test_adam_options_reach_the_optimizer_and_old_checkpoints_are_pruned(guarded, data, tmp_path):
+    from guardtune.training.config import build_optimizer
+
+    config = TrainConfig(adam_beta1=0.8, adam_beta2=0.99, adam_weight_decay=0.1, adam_epsilon=1e-6)
+    group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config).param_groups[0]
+    assert (group["betas"], group["weight_decay"], group["eps"]) == ((0.8, 0.99), 0.1, 1e-6)
+    assert config.digest() == TrainConfig(**{**config.__dict__, "checkpoints_total_limit": 5}
+                                          ).digest()  # fmt: skip
+    pruned = TrainConfig(steps=6, batch_size=2, checkpoint_every=1, checkpoints_total_limit=3)
+    finetune(data, tmp_path / "run", model=str(guarded), config=pruned, compare=False,
+             show_progress=False)  # fmt: skip
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000003", "step-000004", "step-000005"]
