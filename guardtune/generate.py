@@ -18,6 +18,7 @@ from PIL import Image
 from guardtune import atomic
 from guardtune.errors import DataError
 from guardtune.resolve import ModelSource
+from guardtune.training.progress import StepReporter, track
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
@@ -56,13 +57,21 @@ def sample_images(
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int | None = None,
     negative_prompt: str | None = None,
+    report: StepReporter | None = None,
 ) -> torch.Tensor:
     """One image per prompt, (N, 3, H, W) fp32 in [0, 1] on the CPU.
 
     Prompts go through the pipeline `batch_size` at a time (all at once if None), every batch
-    drawing from the same `generator`, so the images depend on the batching too.
+    drawing from the same `generator`, so the images depend on the batching too. `report` is
+    called after every denoising step.
     """
     batch_size = batch_size or len(prompts)
+
+    def stepped(pipe, step, timestep, tensors):
+        if report is not None:
+            report()
+        return tensors
+
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -73,6 +82,7 @@ def sample_images(
             guidance_scale=guidance,
             generator=generator,
             output_type="pt",
+            callback_on_step_end=stepped,
         )
         images.append(output.images.float().cpu())
     return torch.cat(images)
@@ -92,14 +102,17 @@ def sample(
     seed: int = 0,
     guidance: float = DEFAULT_GUIDANCE,
     negative_prompt: str | None = None,
+    show_progress: bool = False,
 ) -> list[Image.Image]:
-    """`num` images of one prompt, seeded on the pipeline's device."""
+    """`num` images of one prompt, seeded on the pipeline's device, with a progress bar."""
     if num < 1 or steps < 1:
         raise DataError("--num and --steps must be at least 1")
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
-    images = sample_images(
-        pipeline, [prompt] * num, generator, steps, guidance, negative_prompt=negative_prompt
-    )
+    with track("generate", steps, pipeline.device, enabled=show_progress) as report:
+        images = sample_images(
+            pipeline, [prompt] * num, generator, steps, guidance,
+            negative_prompt=negative_prompt, report=report,
+        )  # fmt: skip
     return to_pil(images)
 
 
@@ -132,6 +145,7 @@ def generate_to_files(
     guidance: float = DEFAULT_GUIDANCE,
     out_dir: Path | None = None,
     scale: int = 1,
+    show_progress: bool = False,
 ) -> GenerateResult:
     """Sample, then write the grid to `out` (and `num` single PNGs to `out_dir`)."""
     import time
@@ -139,7 +153,7 @@ def generate_to_files(
     if out.suffix.lower() != ".png":
         raise DataError(f"--out {out} must end in .png")
     start = time.perf_counter()
-    images = sample(pipeline, prompt, num, steps, seed, guidance)
+    images = sample(pipeline, prompt, num, steps, seed, guidance, show_progress=show_progress)
     save_png(make_grid(images, scale=scale), out)
     files: list[Path] = []
     if out_dir is not None:
@@ -163,6 +177,7 @@ def generate(
     guidance: float = DEFAULT_GUIDANCE,
     out_dir: Path | None = None,
     scale: int = 1,
+    show_progress: bool = True,
 ) -> GenerateResult:
     """`guardtune generate`: load the model (and a LoRA file), sample, write the PNGs."""
     from guardtune.models import load_pipeline
@@ -170,4 +185,6 @@ def generate(
     pipeline = load_pipeline(model, model_config)
     if lora is not None:
         load_lora(pipeline, lora)
-    return generate_to_files(pipeline, prompt, out, num, steps, seed, guidance, out_dir, scale)
+    return generate_to_files(
+        pipeline, prompt, out, num, steps, seed, guidance, out_dir, scale, show_progress
+    )

@@ -118,9 +118,11 @@ def test_generate_defaults_are_the_librarys_defaults():
     from guardtune.models import load_pipeline
 
     library = _defaults(generate)
+    library.pop("show_progress")  # the CLI always shows progress
     _assert_defaults(cli.generate, library)
     # ... which are the sampler's and the loader's own.
     sampler, loader = _defaults(generate_to_files), _defaults(load_pipeline)
+    sampler.pop("show_progress")  # off for the library's other callers
     assert {name: library[name] for name in sampler} == sampler
     assert (library["model"], library["model_config"]) == (loader["model"], loader["config_dir"])
 

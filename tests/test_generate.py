@@ -42,3 +42,12 @@ def test_generate_rejects_a_non_png_output(runner, tmp_path):
     assert result.exit_code == 3
     assert "png" in combined_output(result)
     assert not (tmp_path / "grid.jpg").exists()
+
+
+def test_sampling_shows_its_progress_step_by_step(runner, tmp_path):
+    out = tmp_path / "p.png"
+    args = ["generate", "--prompt", "a handwritten digit three", "--num", "2", "--steps", "3"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, combined_output(result)
+    # Not a terminal here: the bar becomes lines, the last one at the final denoising step.
+    assert "generate 3/3" in combined_output(result)

@@ -14,6 +14,7 @@ import torch
 
 from guardtune.data import FolderScan, ImageCaptionDataset
 from guardtune.training.conditioning import encode_captions
+from guardtune.training.progress import track
 
 
 def data_digest(scan: FolderScan) -> str:
@@ -29,19 +30,25 @@ class EncodedData:
     """VAE latents (mean, std) per example and text conditioning per caption, computed once
     (`guardtune.training.conditioning` says what a row holds)."""
 
-    def __init__(self, pipeline, dataset: ImageCaptionDataset, device: torch.device) -> None:
+    def __init__(
+        self, pipeline, dataset: ImageCaptionDataset, device: torch.device,
+        show_progress: bool = False,
+    ) -> None:  # fmt: skip
         vae = pipeline.vae
         self.scaling = float(vae.config.scaling_factor)
         means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, len(dataset), 32):
+        starts = range(0, len(dataset), 32)
+        with torch.no_grad(), track("encode", len(starts) + 1, device, show_progress) as report:
+            for start in starts:
                 pixels = torch.stack(dataset.pixels[start : start + 32]).to(device, vae.dtype)
                 posterior = vae.encode(pixels).latent_dist
                 means.append(posterior.mean.float().cpu())
                 stds.append(posterior.std.float().cpu())
-        captions = sorted(set(dataset.captions))
-        resolution = int(dataset.pixels[0].shape[-1]) if len(dataset) else 0
-        embeddings = encode_captions(pipeline, captions, device, resolution)
+                report()
+            captions = sorted(set(dataset.captions))
+            resolution = int(dataset.pixels[0].shape[-1]) if len(dataset) else 0
+            embeddings = encode_captions(pipeline, captions, device, resolution)
+            report()
         # The VAE hands back channels-last latents. oneDNN's CPU convolution backward in torch
         # 2.13 segfaults on channels-last inputs once some (not all) conv weights are frozen, so
         # every latent leaves here in the default memory format.

@@ -152,10 +152,11 @@ def finetune(
     resolution = config.resolution or unet.config.sample_size * pipeline.vae_scale_factor
 
     # Encode: the VAE and text encoder are never trained here, so their outputs are cached.
-    encoded = EncodedData(pipeline, ImageCaptionDataset(scan, resolution), device)
+    shown = show_progress and is_main_process()
+    encoded = EncodedData(pipeline, ImageCaptionDataset(scan, resolution), device, shown)
     prior = None
     if class_scan is not None:
-        prior = EncodedData(pipeline, ImageCaptionDataset(class_scan, resolution), device)
+        prior = EncodedData(pipeline, ImageCaptionDataset(class_scan, resolution), device, shown)
     for module in encoders(pipeline):
         module.to("cpu")
 

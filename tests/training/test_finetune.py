@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def test_model_without_policy_needs_no_policy_flag(runner, data, tmp_path):
     code, output = _cli(runner, data, "--model", model, "--out", tmp_path / "b", "--no-policy")
     assert code == 0, output
     assert "none (--no-policy)" in output
+    assert re.search(r"encode (\d+)/\1", output)  # the up-front encoding shows its progress
 
 
 def test_setting_a_shipped_policy_aside_must_be_named_and_is_recorded(runner, guarded, data,
