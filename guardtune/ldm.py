@@ -78,11 +78,13 @@ def bound_names(
             hint="SDXL and SD 2.x (OpenCLIP) original checkpoints are not served; use diffusers "
             "folders for them",
         )
-    unet = [renamed(r, f"unet.{from_ldm[r.name]}") for r in in_unet]
-    other = [renamed(r, f"{OTHER}.{r.name}") for r in records if r not in in_unet]
-    in_file = {f"unet.{from_ldm[r.name]}": r.name for r in in_unet}
-    in_file |= {f"{OTHER}.{r.name}": r.name for r in records if r not in in_unet}
-    return {"unet": unet, OTHER: other}, in_file
+    bound = {
+        r.name: f"unet.{from_ldm[r.name]}" if r.name in from_ldm else f"{OTHER}.{r.name}"
+        for r in records
+    }
+    unet = [renamed(r, bound[r.name]) for r in in_unet]
+    other = [renamed(r, bound[r.name]) for r in records if r.name not in from_ldm]
+    return {"unet": unet, OTHER: other}, {name: original for original, name in bound.items()}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -94,11 +96,12 @@ def ldm_state(pipeline) -> dict[str, torch.Tensor]:
         raise DataError("only SD 1.x and 2.x pipelines can be written as original checkpoints")
     state: dict[str, torch.Tensor] = {}
     unet = pipeline.unet.state_dict()
-    for name, ldm in diffusers_to_ldm_unet(unet).items():
-        state[LDM_UNET_PREFIX + ldm] = unet[name]
-    if len(state) != len(unet):
-        left = sorted(set(unet) - set(diffusers_to_ldm_unet(unet)))
+    to_ldm = diffusers_to_ldm_unet(unet)
+    left = sorted(set(unet) - set(to_ldm))
+    if left:
         raise DataError(f"UNet tensor {left[0]} has no original name")
+    for name, ldm in to_ldm.items():
+        state[LDM_UNET_PREFIX + ldm] = unet[name]
     vae = pipeline.vae.state_dict()
     up_blocks = len(pipeline.vae.config.up_block_types)
     for name, tensor in vae.items():

@@ -130,10 +130,8 @@ def finetune(
     ignored = _set_aside(source, policy, no_policy, ignore_shipped_policy)
     verified: VerifiedPolicy | None = None
     if not no_policy:
-        # A folder's weights are bound where they are loaded (below), in one read; other
-        # sources are fingerprinted here first.
-        bound_at_load = source.kind in ("embedded", "folder")
-        verified = verify_policy(source, policy, trusted, fingerprint=not bound_at_load)
+        # The weights are bound where they are loaded (below), in one read of each byte.
+        verified = verify_policy(source, policy, trusted, fingerprint=False)
     scan = scan_folder(data, caption_column, instance_prompt)
     class_scan = scan_folder(class_data, caption_column, class_prompt) if class_data else None
 
