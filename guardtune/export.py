@@ -2,10 +2,14 @@
 
 - `kohya`: a LoRA run's adapters in kohya's naming, the form ComfyUI's and AUTOMATIC1111's LoRA
   loaders and diffusers' `load_lora_weights` read: `lora_unet_<module>.lora_down.weight`,
-  `.lora_up.weight` and `.alpha`, the module named as diffusers names it with dots as
-  underscores (what kohya's scripts write for SD 1.x and 2.x).
-- `single-file`: a full fine-tune as one original Stable Diffusion checkpoint (LDM names, see
-  `guardtune.ldm`), for SD 1.x pipelines.
+  `.lora_up.weight` and `.alpha`, the module's name with dots as underscores. kohya's scripts
+  train SD 1.x and 2.x on diffusers' UNet and SDXL on the original (sgm) one, so its files name
+  SD 1.x/2.x modules as diffusers does and SDXL modules by their original names
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), numbered by the base's block
+  layout; A1111 finds SDXL modules under those names only. Which it is comes from the base the
+  run's provenance names (`_original_modules`).
+- `single-file`: a full fine-tune as one original Stable Diffusion checkpoint (LDM names, in the
+  layout of its family: SD 1.x, SD 2.x or SDXL, see `guardtune.ldm`).
 
 Each export carries the run's provenance in its safetensors metadata, so `audit` checks an
 export as it checks the run. Reads the run folder `finetune` wrote; writes one file atomically.
@@ -24,6 +28,7 @@ from guardtune.contract import (
     LORA_FILE,
     PROVENANCE_FILE,
     PROVENANCE_METADATA_KEY,
+    RunProvenance,
     read_small_file,
 )
 from guardtune.errors import DataError, UsageError
@@ -90,18 +95,70 @@ def _kohya(run: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     if not source.is_file():
         raise DataError(f"{run} holds no LoRA file ({LORA_FILE}): was it a LoRA run?")
     _, metadata = read_header_and_metadata(source)
+    provenance = metadata.get(PROVENANCE_METADATA_KEY)
+    original = _original_modules(source, provenance)
     state: dict[str, torch.Tensor] = {}
     for key, tensor in load_file(str(source)).items():
         part = next((p for p in _PARTS if key.endswith(p)), None)
         if not key.startswith("unet.") or part is None:
             raise DataError(f"{source.name}: cannot export tensor {key} in kohya naming")
-        module = key[len("unet.") : -len(part)].replace(".", "_")
-        state[KOHYA_PREFIX + module + _PARTS[part]] = tensor
+        module = key[len("unet.") : -len(part)]
+        if original is not None:
+            if module not in original:
+                raise DataError(f"{source.name}: {module} is not a UNet module of the base")
+            module = original[module]
+        stem = KOHYA_PREFIX + module.replace(".", "_")
+        state[stem + _PARTS[part]] = tensor
         if part == ".lora.down.weight":
             # finetune trains with lora_alpha = rank: the update is scaled by alpha / rank = 1.
             rank = tensor.shape[0]
-            state[f"{KOHYA_PREFIX}{module}.alpha"] = torch.tensor(float(rank))
-    return state, metadata.get(PROVENANCE_METADATA_KEY)
+            state[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return state, provenance
+
+
+def _original_modules(source: Path, provenance: str | None) -> dict[str, str] | None:
+    """For a run on SDXL, each UNet module's original name; None for SD 1.x and 2.x.
+
+    The run's provenance names its base. A policy binds every component with weights, so a
+    recorded fingerprint without `text_encoder_2` is no SDXL and needs nothing more; otherwise
+    the base's UNet config decides (SDXL: `text_time` added embeddings) and numbers the original
+    blocks, so the base must be here. guardtune trains SDXL from diffusers folders only, so a
+    base that is a single file is SD 1.x or 2.x.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from guardtune.enforce.keynames import diffusers_to_ldm_unet, module_of
+    from guardtune.ldm import unet_names
+    from guardtune.resolve import resolve_model
+
+    if provenance is None:
+        raise DataError(f"{source.name} names no base model: it carries no provenance")
+    try:
+        claims = RunProvenance.from_json(provenance)
+    except ValueError as error:
+        raise DataError(f"{source.name}: {error}") from None
+    if claims.base_fingerprint is not None and "text_encoder_2" not in claims.base_fingerprint:
+        return None
+    named = claims.base_model
+    if Path(named).suffix == ".safetensors":
+        return None
+    hub_id, _, commit = named.partition("@")  # a hub model is recorded as org/name@commit
+    try:
+        if commit and not Path(named).exists():
+            base = resolve_model(hub_id, revision=commit)
+        else:
+            base = resolve_model(named)
+    except DataError:
+        raise DataError(
+            f"the base model {named} that the run's provenance names is not here",
+            hint="kohya names an SDXL LoRA's modules by the base's UNet layout: export where "
+            "the base is (its folder, or the hub cache)",
+        ) from None
+    config = UNet2DConditionModel.load_config(base.path, subfolder="unet", local_files_only=True)
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    weights = diffusers_to_ldm_unet(unet_names(base.path))
+    return {module_of(name): module_of(ldm) for name, ldm in weights.items()}
 
 
 def _single_file(run: Path) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -59,6 +59,9 @@ def test_kohya_lora_loads_as_the_run_did_and_passes_the_audit(runner, runs, tmp_
         keys, metadata = list(handle.keys()), handle.metadata()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert any(k.endswith(".alpha") for k in keys) and PROVENANCE_METADATA_KEY in metadata
+    # kohya names SD 1.x/2.x modules as diffusers does (SDXL ones by original names).
+    assert any(k.startswith("lora_unet_down_blocks_") for k in keys)
+    assert not any("input_blocks" in k or "output_blocks" in k for k in keys)
     source = load_pipeline(str(runs["model"]), device=CPU)
     source.load_lora_weights(str(runs["root"] / "lora"), weight_name=LORA_FILE)
     exported = load_pipeline(str(runs["model"]), device=CPU)

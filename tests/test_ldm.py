@@ -4,7 +4,9 @@ and used as `--model` by publish, verify, finetune and audit, bound byte for byt
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from guardtune.cli import app
 from guardtune.contract import LDM_UNET_PREFIX
-from guardtune.ldm import LDM_VAE_PREFIX, ldm_components, ldm_state
+from guardtune.errors import DataError
+from guardtune.ldm import LDM_VAE_PREFIX, _openclip_state, family, ldm_components, ldm_state
 from guardtune.resolve import EMBEDDED_DIR
 from tests.conftest import combined_output
 
@@ -83,3 +86,27 @@ def test_an_original_checkpoint_as_model_in_every_command(runner, original, scen
     assert f"checkpoint.{vae_key}" in output
     _run(runner, "finetune", data, "-m", edited, "--model-config", EMBEDDED_DIR, *trusted,
          "--out", tmp_path / "refused", "--steps", "1", "--no-compare", code=6)  # fmt: skip
+
+
+def test_the_text_encoder_decides_between_the_sd1_and_sd2_layouts(embedded_pipeline):
+    def pipeline(hidden_act: str, second: object = None) -> SimpleNamespace:
+        encoder = SimpleNamespace(config=SimpleNamespace(hidden_act=hidden_act))
+        return SimpleNamespace(text_encoder=encoder, text_encoder_2=second)
+
+    # The embedded model, and test_sd2's model (v-prediction, linear projections), keep CLIP.
+    assert family(embedded_pipeline) == family(pipeline("quick_gelu")) == "sd1"
+    assert family(pipeline("gelu")) == "sd2"
+    assert family(pipeline("quick_gelu", second=object())) == "sdxl"
+
+
+def test_a_text_encoder_tensor_without_an_openclip_name_is_an_error():
+    layer = "text_model.encoder.layers.0.self_attn"
+    weights = {f"{layer}.{p}_proj.weight": torch.zeros(2, 2) for p in "qkv"}
+    fused = _openclip_state(weights, "m.")
+    assert fused["m.transformer.resblocks.0.attn.in_proj_weight"].shape == (6, 2)
+    unknown = "text encoder tensor extra.weight has no OpenCLIP name"
+    with pytest.raises(DataError, match=re.escape(unknown)):
+        _openclip_state(weights | {"extra.weight": torch.zeros(1)}, "m.")
+    del weights[f"{layer}.k_proj.weight"]
+    with pytest.raises(DataError, match=re.escape("text encoder layer 0 lacks self_attn.k_proj")):
+        _openclip_state(weights, "m.")

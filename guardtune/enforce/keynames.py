@@ -10,7 +10,9 @@ maps all of them to the policy's names here; a name that cannot be mapped stays 
 the audit treats that as a violation (it cannot prove the tensor is not a frozen one).
 
 The original-SD mapping is written out for the SD-style UNet layout (`UNet2DConditionModel`
-with any number of blocks and layers per block); the tests check it against diffusers' own
+with any number of blocks and layers per block, and transformer layers per block), which SD 1.x,
+2.x and SDXL share; SDXL's added embedding (`add_embedding`, for pooled text and size
+conditioning) is the original `label_emb.0`. The tests check it against diffusers' own
 converter, which only goes the other way.
 """
 
@@ -40,6 +42,9 @@ _TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's `text_time` embedding MLP; sgm's `label_emb` is Sequential(Sequential(lin, act, lin)).
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _BLOCK_LAYER = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)")
 _SAMPLER = re.compile(r"(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.conv\.(.+)")
@@ -54,7 +59,7 @@ def module_of(tensor_name: str) -> str:
 def diffusers_to_ldm_unet(names: Iterable[str]) -> dict[str, str]:
     """Diffusers UNet tensor names (no `unet.` prefix) -> original SD names (no prefix).
 
-    Names outside the SD layout (e.g. SDXL's add_embedding) are left out of the mapping.
+    Names outside the SD layout (e.g. a class embedding) are left out of the mapping.
     """
     names = list(names)
     layers = [m for n in names if (m := _BLOCK_LAYER.fullmatch(n))]

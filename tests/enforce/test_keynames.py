@@ -36,9 +36,21 @@ SD15 = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )  # fmt: skip
+SD2 = SD15 | dict(
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+)
+SDXL = dict(
+    sample_size=128, cross_attention_dim=2048, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+    up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
 
 
-@pytest.mark.parametrize("config", [SD15, None], ids=["sd15", "embedded"])
+@pytest.mark.parametrize("config", [SD15, SD2, SDXL, None], ids=["sd15", "sd2", "sdxl", "embedded"])
 def test_original_names_convert_back_with_diffusers_converter(config):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -65,6 +77,28 @@ def test_known_stable_diffusion_v1_names():
     assert mapping["up_blocks.0.upsamplers.0.conv.weight"] == "output_blocks.2.1.conv.weight"
     assert mapping["up_blocks.1.upsamplers.0.conv.weight"] == "output_blocks.5.2.conv.weight"
     assert mapping["conv_out.bias"] == "out.2.bias"
+
+
+def test_known_stable_diffusion_xl_names():
+    names = _unet_names(SDXL)
+    mapping = diffusers_to_ldm_unet(names)
+    assert mapping["add_embedding.linear_1.weight"] == "label_emb.0.0.weight"
+    assert mapping["add_embedding.linear_2.bias"] == "label_emb.0.2.bias"
+    assert mapping["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight"] == (
+        "input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight"
+    )
+    assert mapping["mid_block.attentions.0.transformer_blocks.9.attn2.to_k.weight"] == (
+        "middle_block.1.transformer_blocks.9.attn2.to_k.weight"
+    )
+    assert mapping["up_blocks.1.upsamplers.0.conv.weight"] == "output_blocks.5.2.conv.weight"
+    # kohya's SDXL LoRAs spell modules by these names: each maps back to one module.
+    index = ModuleIndex.for_unet(names)
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight"
+    module = "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"
+    assert parse_lora_key(key, index).module == module
+    assert parse_lora_key("lora_unet_label_emb_0_0.lora_up.weight", index).module == (
+        "add_embedding.linear_1"
+    )
 
 
 def test_lora_keys_in_every_naming_map_to_their_module():
