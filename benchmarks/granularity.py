@@ -19,7 +19,7 @@ Prints the update energy each mask captures, then recognisability after the atta
 (illegal) and impact (legal) against the unfrozen attack, and each mask's separation
 (mitigation - impact).
 
-    .venv/bin/python benchmarks/granularity.py [--ratio 0.3] [--steps 100,200] [--seeds 2]
+    .venv/bin/python benchmarks/granularity.py [--ratio 0.3] [--user-steps 100,200] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def oracle_mask(deltas, by_channel: bool, ratio: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--steps", default="100,200")
+    parser.add_argument("--user-steps", dest="steps", default="100,200")  # as evaluate's
     parser.add_argument("--seeds", type=int, default=2, help="Attack seeds (1, 2, ...).")
     parser.add_argument("--samples", type=int, default=64, help="Per class and checkpoint.")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/granularity.json"))

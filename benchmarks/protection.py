@@ -18,8 +18,9 @@ a learned policy is reused, and evaluate trains only the runs its journal lacks 
 fine-tuning once for all p). Every checkpoint of every run samples each task through 25 DDIM
 steps, so even tiny settings (the second line) take minutes on two cores:
 
-    .venv/bin/python benchmarks/protection.py [--steps 100,200,400] [--samples 128] [--seeds 3]
-    .venv/bin/python benchmarks/protection.py --quick --steps 2 --seeds 1 --samples 2 --ratios 0.3
+    .venv/bin/python benchmarks/protection.py [--user-steps 100,200,400] [--samples 128] [--seeds 3]
+    .venv/bin/python benchmarks/protection.py --quick --user-steps 2 --seeds 1 --samples 2 \\
+        --ratios 0.3
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def learned_policy(folders: dict[str, Path], learner: LearnerConfig, workdir: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="100,200,400", help="User fine-tune checkpoints.")
+    parser.add_argument("--user-steps", dest="steps", default="100,200,400",
+                        help="User fine-tune checkpoints (evaluate's --user-steps).")  # fmt: skip
     parser.add_argument("--samples", type=int, default=128, help="Per task and checkpoint.")
     parser.add_argument("--ratios", default="0.3,0.5", help="Shares p the policies freeze.")
     parser.add_argument("--seeds", type=int, default=3, help="User fine-tunes (and random masks).")

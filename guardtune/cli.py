@@ -13,14 +13,15 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from guardtune import __version__, atomic
 from guardtune.distributed import is_main_process
-from guardtune.errors import DataError, ExitCode, GuardtuneError
+from guardtune.errors import DataError, ExitCode, GuardtuneError, UsageError
 from guardtune.render import (
     console,
     render_audit,
@@ -80,6 +81,77 @@ VariantOption = Annotated[
 JsonOption = Annotated[
     Path | None, typer.Option("--json", help="Also write the result as JSON to this file.")
 ]
+
+
+def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """`--config FILE`: the file's options become the command's defaults (Click's default_map),
+    so the command line overrides them and the options' own defaults apply beneath both. The
+    option is eager: the file is in place before any other parameter is processed."""
+    if value is not None and not ctx.resilient_parsing:
+        from guardtune.runconfig import read_config
+
+        moved = getattr(ctx.command, "renamed", {})
+        renamed = {old[2:]: new[2:] for old, new in moved.items()}
+        found = run_command(
+            lambda: read_config(value, ctx, refused={param.name}, renamed=renamed), None,
+            lambda _: None,
+        )  # fmt: skip
+        ctx.default_map = {**(ctx.default_map or {}), **found}
+    return value
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", is_eager=True, callback=_load_config,
+        help="TOML file of this command's options, keyed by their names without '--' "
+        "(batch-size = 8); the command line overrides it. Runs keep theirs as run.toml.",
+    ),
+]  # fmt: skip
+# Left out of a run's effective configuration: the file it came from, where results are copied
+# (--json, --report) and how an interrupted run continues (--resume). None of them is what the
+# run is, and repeating a run from its run.toml must start it afresh, not resume it.
+_NOT_THE_RUN = ("config_file", "json_path", "report", "resume")
+
+
+def _settings(ctx: typer.Context) -> str:
+    """The running command's effective configuration (command line, --config file and defaults
+    merged) as the TOML text `--config` reads: what the recipe keeps in its run folder."""
+    from guardtune.runconfig import dumps, effective_config
+
+    name = ctx.info_name
+    header = (
+        f"guardtune {__version__}: every option of this `guardtune {name}` run (command line,\n"
+        f"--config file and defaults). `guardtune {name} --config FILE` repeats it (paths are\n"
+        "relative to the folder it ran in; give it a new output folder on the command line)."
+    )
+    return dumps(effective_config(ctx, _NOT_THE_RUN), header)
+
+
+def _refuse(error: GuardtuneError) -> NoReturn:
+    """The error contract while a command's arguments are parsed, before its action runs."""
+    err_console.print(f"[bold red]error:[/] {error.one_line()}", soft_wrap=True)
+    raise typer.Exit(int(error.exit_code))
+
+
+def _renamed(renamed: dict[str, str]) -> type[TyperCommand]:
+    """A command class whose old option names (`renamed`: old flag -> new flag) stop with the
+    new name rather than Click's 'No such option' and its guesses: each option name means one
+    thing in every command, and `--steps` is a fine-tune's optimizer steps (finetune, demo)."""
+
+    class Command(TyperCommand):
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            try:
+                return super().parse_args(ctx, args)
+            except Exception as error:  # NoSuchOption, of whichever Click typer runs on
+                old = getattr(error, "option_name", None)
+                if old not in renamed:
+                    raise
+                message = f"{old} is now {renamed[old]}"
+                _refuse(UsageError(message, hint="--steps means a fine-tune's optimizer steps"))
+
+    Command.renamed = renamed  # type: ignore[attr-defined]  # what --config refuses as well
+    return Command
 
 
 def _source(model: str, model_config: Path | None, revision: str | None, variant: str | None):
@@ -224,7 +296,7 @@ def data_check(
 # ----------------------------------------------------------------------------- generate
 
 
-@app.command()
+@app.command(cls=_renamed({"--steps": "--num-inference-steps"}))
 def generate(
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     out: Annotated[Path, typer.Option(help="PNG file for the grid of all samples.")],
@@ -233,7 +305,9 @@ def generate(
     revision: RevisionOption = None,
     variant: VariantOption = None,
     num: Annotated[int, typer.Option(min=1, help="Number of images.")] = 8,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps (DDIM).")] = 25,
+    steps: Annotated[
+        int, typer.Option("--num-inference-steps", min=1, help="Denoising steps (DDIM).")
+    ] = 25,
     seed: Annotated[
         int, typer.Option(help="Random seed; the same seed gives the same images.")
     ] = 0,
@@ -367,11 +441,13 @@ def policy_show(
 # ----------------------------------------------------------------------------- publish
 
 
-@app.command()
+@app.command(cls=_renamed({"--steps": "--mask-updates"}))
 def publish(
+    ctx: typer.Context,
     illegal: Annotated[list[Path], typer.Option(help="Illegal-class data folder (repeatable).")],
     legal: Annotated[list[Path], typer.Option(help="Legal data folder (repeatable).")],
     key: Annotated[list[Path], typer.Option(help="Publisher's private key (repeatable).")],
+    config_file: ConfigOption = None,
     ratio: Annotated[float, typer.Option(help="Share to freeze, p.")] = 0.3,
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
@@ -384,7 +460,7 @@ def publish(
         "parameters"
     ),
     relearn_steps: Annotated[int, typer.Option(min=1, help="Steps to get theta_ft.")] = 200,
-    steps: Annotated[int, typer.Option(min=1, help="Mask updates.")] = 150,
+    steps: Annotated[int, typer.Option("--mask-updates", min=1, help="Mask updates.")] = 150,
     user_steps_per_update: Annotated[int, typer.Option(min=1, help="User steps per update.")] = 4,
     user_lr: Annotated[float, typer.Option(help="Simulated user's learning rate.")] = 1e-4,
     user_reset_every: Annotated[
@@ -423,6 +499,7 @@ def publish(
         return run_publish(
             illegal, legal, keys, model=_source(model, model_config, revision, variant),
             method=method, config=config, out=out, workdir=work_dir, resume=resume,
+            settings=_settings(ctx),
         )  # fmt: skip
 
     main = is_main_process()
@@ -434,7 +511,9 @@ def publish(
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Training images (any layout of `data check`).")],
+    config_file: ConfigOption = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/finetune"),
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
@@ -457,7 +536,18 @@ def finetune(
         bool, typer.Option("--lora", help="Train LoRA adapters instead of full weights.")
     ] = False,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 4,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 200,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            "--max-train-steps",
+            min=1,
+            help="Optimizer steps (200 unless --epochs is given).",
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Passes over the data, instead of --steps.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per micro-batch.")] = 8,
     grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
     lr: Annotated[float | None, typer.Option(help="Learning rate (1e-5 full, 1e-4 LoRA).")] = None,
@@ -465,8 +555,12 @@ def finetune(
         str, typer.Option(help="constant, constant_with_warmup, linear, cosine, ... (diffusers').")
     ] = "constant",
     warmup_steps: Annotated[
-        int, typer.Option(min=0, help="Steps over which the learning rate rises from 0.")
-    ] = 0,
+        int,
+        typer.Option(
+            min=0,
+            help="Steps over which the learning rate rises from 0 (schedules with a warmup).",
+        ),
+    ] = 500,
     resolution: Annotated[int | None, typer.Option(help="Training size (model's own).")] = None,
     seed: Annotated[
         int, typer.Option(help="Seed of batches, noise and LoRA init; the same seed, the same run.")
@@ -487,6 +581,64 @@ def finetune(
     prior_loss_weight: Annotated[
         float, typer.Option(help="Weight of the prior-preservation loss (with --class-data).")
     ] = 1.0,
+    random_flip: Annotated[
+        bool, typer.Option("--random-flip", help="Mirror each image with probability 1/2.")
+    ] = False,
+    random_crop: Annotated[
+        bool,
+        typer.Option(
+            "--random-crop",
+            help="Crop each draw at a random place, not the centre (encodes every draw anew).",
+        ),
+    ] = False,
+    enable_bucket: Annotated[
+        bool,
+        typer.Option(
+            "--enable-bucket",
+            help="Aspect-ratio buckets: train each image near its own shape (kohya's).",
+        ),
+    ] = False,
+    min_bucket_reso: Annotated[
+        int | None, typer.Option(min=1, help="Shortest bucket side (resolution / 2).")
+    ] = None,
+    max_bucket_reso: Annotated[
+        int | None, typer.Option(min=1, help="Longest bucket side (2 x resolution).")
+    ] = None,
+    bucket_reso_steps: Annotated[
+        int | None, typer.Option(min=1, help="Bucket side granularity (64 px on SD).")
+    ] = None,
+    caption_dropout_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Chance of training a draw on the empty caption.")
+    ] = 0.0,
+    noise_offset: Annotated[
+        float, typer.Option(min=0, help="Per-channel noise offset (e.g. 0.05; 0: none).")
+    ] = 0.0,
+    use_ema: Annotated[
+        bool,
+        typer.Option("--use-ema", help="Write the exponential moving average of the weights."),
+    ] = False,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay (warmed up as diffusers').")] = 0.9999,
+    validation_prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="Prompt sampled into validation/step-N.png (repeatable)."),
+    ] = None,
+    validation_steps: Annotated[
+        int, typer.Option(min=1, help="Sample the validation prompts every N steps.")
+    ] = 100,
+    num_validation_images: Annotated[
+        int, typer.Option(min=1, help="Images per validation prompt.")
+    ] = 4,
+    report_to: Annotated[
+        str, typer.Option(help="none, tensorboard or wandb (accelerate's trackers, if installed).")
+    ] = "none",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Cache of encoded data ($GUARDTUNE_CACHE or ~/.cache/guardtune)."),
+    ] = None,
+    no_latent_cache: Annotated[
+        bool,
+        typer.Option("--no-latent-cache", help="Keep encodings in temporary files, not the cache."),
+    ] = False,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps.")] = 0,
     checkpoints_total_limit: Annotated[
         int, typer.Option(min=0, help="Checkpoints to keep, the newest (0: all).")
@@ -529,7 +681,13 @@ def finetune(
             mixed_precision=mixed_precision, optimizer=optimizer,
             checkpoint_every=checkpoint_every, checkpoints_total_limit=checkpoints_total_limit,
             max_grad_norm=max_grad_norm, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-            adam_weight_decay=adam_weight_decay, adam_epsilon=adam_epsilon,
+            adam_weight_decay=adam_weight_decay, adam_epsilon=adam_epsilon, epochs=epochs,
+            random_flip=random_flip, random_crop=random_crop, enable_bucket=enable_bucket,
+            min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso,
+            bucket_reso_steps=bucket_reso_steps, caption_dropout_rate=caption_dropout_rate,
+            noise_offset=noise_offset, use_ema=use_ema, ema_decay=ema_decay,
+            validation_prompts=tuple(validation_prompt or ()), validation_steps=validation_steps,
+            num_validation_images=num_validation_images, report_to=report_to,
         )  # fmt: skip
         result = run_finetune(
             data, out, model=_source(model, model_config, revision, variant), policy=policy,
@@ -537,7 +695,8 @@ def finetune(
             ignore_shipped_policy=ignore_shipped_policy, config=config,
             caption_column=caption_column, instance_prompt=instance_prompt,
             class_data=class_data, class_prompt=class_prompt, resume=resume, save_as=save_as,
-            compare=compare,
+            compare=compare, settings=_settings(ctx), cache=not no_latent_cache,
+            cache_dir=cache_dir,
         )  # fmt: skip
         if report is not None and result.savings is not None and main:
             atomic.write_json(report, jsonable(result.savings))
@@ -617,10 +776,12 @@ def export(
 # ----------------------------------------------------------------------------- evaluate
 
 
-@app.command()
+@app.command(cls=_renamed({"--steps": "--user-steps"}))
 def evaluate(
+    ctx: typer.Context,
     illegal: Annotated[list[Path], typer.Option(help="Illegal-class data folder (repeatable).")],
     legal: Annotated[list[Path], typer.Option(help="Legal data folder (repeatable).")],
+    config_file: ConfigOption = None,
     model: ModelOption = "digits",
     model_config: ModelConfigOption = None,
     revision: RevisionOption = None,
@@ -633,9 +794,10 @@ def evaluate(
     ratio: Annotated[
         float | None, typer.Option(help="Frozen-parameter share of random/blocks (the policy's).")
     ] = None,
-    steps: Annotated[str, typer.Option(help="User fine-tune checkpoints, e.g. 50,100,200.")] = (
-        "50,100,200"
-    ),
+    steps: Annotated[
+        str,
+        typer.Option("--user-steps", help="User fine-tune steps to score at, e.g. 50,100,200."),
+    ] = "50,100,200",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per method.")] = 2,
     samples: Annotated[int, typer.Option(min=1, help="Samples per task and checkpoint.")] = 32,
     scorer: Annotated[
@@ -669,7 +831,7 @@ def evaluate(
     try:
         checkpoints = tuple(int(s) for s in steps.split(",") if s.strip())
     except ValueError:
-        message = f"--steps must be a comma list of integers, got {steps!r}"
+        message = f"--user-steps must be a comma list of integers, got {steps!r}"
         raise typer.BadParameter(message) from None
     config = EvaluateConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), ratio=ratio,
@@ -681,7 +843,7 @@ def evaluate(
     run_command(
         lambda: run_evaluate(illegal, legal, model=_source(model, model_config, revision, variant),
                              policy=policy, trusted=tuple(trusted or ()), config=config,
-                             plot=plot, workdir=work_dir),
+                             plot=plot, workdir=work_dir, settings=_settings(ctx)),
         json_path, render_evaluate,
     )  # fmt: skip
 

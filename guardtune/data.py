@@ -11,7 +11,8 @@ Four layouts are recognised, in this order (the first that applies wins):
 
 `scan_folder` validates everything up front (every image decodes and has a usable mode, every
 caption exists) and raises DataError naming the offending file, so a run never starts on bad
-data. `ImageCaptionDataset` turns the scan into tensors for the training recipes;
+data. `ImageCaptionDataset` turns the scan into tensors for the training recipes, one image at
+a time (never the whole set at once: memory must not grow with the data);
 `check_folder` is `guardtune data check`: the same scan, summarised.
 """
 
@@ -224,33 +225,79 @@ def check_folder(
     return FolderCheck(scan.root, scan.layout, len(scan), scan.unique_images, captions)
 
 
-def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
-    """RGB image to (3, R, R) in [-1, 1]: shorter side resized to R, then centre-cropped."""
+def cover(source: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The size (width, height) `source` is resized to so that it just covers `target`."""
+    scale = max(target[0] / source[0], target[1] / source[1])
+    return (max(target[0], round(source[0] * scale)), max(target[1], round(source[1] * scale)))
+
+
+def crop_origin(
+    resized: tuple[int, int], target: tuple[int, int], crop: tuple[float, float]
+) -> tuple[int, int]:
+    """(left, top) of a `target` crop of a `resized` image, placed at `crop` (left, top: each 0
+    to 1 of the slack; 0.5, 0.5 is the centre)."""
+    return round((resized[0] - target[0]) * crop[0]), round((resized[1] - target[1]) * crop[1])
+
+
+def load_image_tensor(
+    path: Path, resolution: int, crop: tuple[float, float] = (0.5, 0.5),
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """RGB image to (3, H, W) in [-1, 1] for a target `size` (width, height; default a square
+    of `resolution`): resized to cover it, then cropped to it at `crop` (see `crop_origin`)."""
+    target = size or (resolution, resolution)
     with Image.open(path) as image:
         rgb = to_rgb(image)
-    width, height = rgb.size
-    scale = resolution / min(width, height)
-    if scale != 1.0:
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    left = (rgb.width - resolution) // 2
-    top = (rgb.height - resolution) // 2
-    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    resized = cover(rgb.size, target)
+    if resized != rgb.size:
+        rgb = rgb.resize(resized, Image.Resampling.BICUBIC)
+    left, top = crop_origin(resized, target, crop)
+    rgb = rgb.crop((left, top, left + target[0], top + target[1]))
     array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding it."""
+    with Image.open(path) as image:
+        return image.size
+
+
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Pixel tensors and captions of a FolderScan, decoded once and kept in memory."""
+    """The examples of a FolderScan as pixel tensors and captions, decoded when asked for.
+
+    `images` are the distinct image files (kohya repeats name one file many times) and
+    `image_row[i]` is example i's image among them, so the recipes encode each file once.
+    """
 
     def __init__(self, scan: FolderScan, resolution: int) -> None:
-        unique = sorted({e.image_path for e in scan.examples})
-        pixels = {p: load_image_tensor(p, resolution) for p in unique}
-        self.pixels = [pixels[e.image_path] for e in scan.examples]
+        self.scan = scan
+        self.resolution = resolution
+        self.images = sorted({e.image_path for e in scan.examples})
+        row = {path: i for i, path in enumerate(self.images)}
+        self.image_row = torch.tensor([row[e.image_path] for e in scan.examples], dtype=torch.long)
         self.captions = [e.caption for e in scan.examples]
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.pixels[index], self.captions[index]
+        return self.image(int(self.image_row[index])), self.captions[index]
+
+    def image(
+        self, row: int, flip: bool = False, crop: tuple[float, float] = (0.5, 0.5),
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Distinct image `row` as (3, H, W) in [-1, 1] (a square of the resolution unless
+        `size` is given), mirrored if `flip`; `crop` places the crop (see `crop_origin`)."""
+        pixels = load_image_tensor(self.images[row], self.resolution, crop, size)
+        return pixels.flip(-1) if flip else pixels
+
+    def original_size(self, row: int) -> tuple[int, int]:
+        return image_size(self.images[row])
+
+    @property
+    def pixels(self) -> list[torch.Tensor]:
+        """Every example's pixels, centre-cropped: for small sets (held-out images) only."""
+        decoded = [self.image(i) for i in range(len(self.images))]
+        return [decoded[int(row)] for row in self.image_row]

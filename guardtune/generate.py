@@ -106,7 +106,7 @@ def sample(
 ) -> list[Image.Image]:
     """`num` images of one prompt, seeded on the pipeline's device, with a progress bar."""
     if num < 1 or steps < 1:
-        raise DataError("--num and --steps must be at least 1")
+        raise DataError("--num and --num-inference-steps must be at least 1")
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
     with track("generate", steps, pipeline.device, enabled=show_progress) as report:
         images = sample_images(

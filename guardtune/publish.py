@@ -30,6 +30,7 @@ from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
+from guardtune.training.rundir import RUN_CONFIG
 from guardtune.trust.build import sign_policy
 from guardtune.trust.fingerprint import fingerprint_model
 from guardtune.trust.policy import Provenance
@@ -92,8 +93,13 @@ def publish(
     show_progress: bool = True,
     workdir: Path | None = None,
     resume: bool = False,
+    settings: str | None = None,
 ) -> PublishResult | None:
-    """Learn (or draw) the mask and write the signed policy; None on non-main processes."""
+    """Learn (or draw) the mask and write the signed policy; None on non-main processes.
+
+    `settings` is the run's effective configuration as TOML text (the CLI's options, file and
+    command line merged); it is written into the work folder as the run starts.
+    """
     start = time.perf_counter()
     config = config or LearnerConfig()
     if method not in METHODS:
@@ -107,7 +113,9 @@ def publish(
     illegal_scan = _merge([scan_folder(p, caption_column) for p in illegal])
     legal_scan = _merge([scan_folder(p, caption_column) for p in legal])
     if config.relearn_steps < 1 or config.rounds < 1 or config.user_steps < 1:
-        raise DataError("--relearn-steps, --steps and --user-steps-per-update must be at least 1")
+        raise DataError(
+            "--relearn-steps, --mask-updates and --user-steps-per-update must be at least 1"
+        )
     from accelerate import Accelerator
 
     # One process, or one rank of `accelerate launch` (gloo on CPU, as finetune does).
@@ -118,7 +126,15 @@ def publish(
     names = [n for n, _ in unet.named_parameters()]
     numel = {n: p.numel() for n, p in unet.named_parameters()}
     history: list[RoundLog] = []
+    workdir = workdir or Path("runs") / "publish" / (source.path.stem or "model")
+    run_config = workdir / RUN_CONFIG
+
+    def keep_settings() -> None:
+        if settings is not None and is_main_process():
+            atomic.write_text(run_config, settings)
+
     if method == "random":
+        keep_settings()  # nothing to learn, nothing to resume: the run is these settings
         draw = random_scores(names, config.seed)
         order = sorted(names, key=lambda n: -draw[n])
         frozen = sorted(fill_to_share(order, share_weights(numel, config.share_by), config.ratio))
@@ -137,18 +153,21 @@ def publish(
         # What a checkpoint must match besides the config: these weights and this data.
         model_root = fingerprint_model(source, ("unet",))["unet"].root
         data_key = "/".join((model_root, data_digest(illegal_scan), data_digest(legal_scan)))
-        workdir = workdir or Path("runs") / "publish" / (source.path.stem or "model")
         if not resume and (workdir / "state.json").exists():
             raise DataError(
                 f"{workdir} holds an earlier run",
                 hint="pass --resume to continue it, or --work-dir for a fresh one",
             )
+        if not resume:  # a fresh run: its folder says what it is from the start
+            keep_settings()
         total = config.relearn_steps + config.rounds
         enabled = show_progress and is_main_process()
         with track("learn mask", total, accelerator.device, enabled=enabled) as report:
             learned = learn_mask(unet, scheduler, illegal_data, legal_data, config, report,
                                  workdir, resume, data_key)  # fmt: skip
         frozen, history = learned.frozen, learned.history
+        if resume:  # only now: a resume that its checkpoint refused must not replace the file
+            keep_settings()
     if not is_main_process():
         return None  # the main process signs and writes
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items()}

@@ -153,28 +153,41 @@ def render_publish(result: PublishResult) -> None:
 
 
 def render_savings(report: SavingsReport) -> None:
-    """Measured frozen vs unfrozen, then the analytic breakdown; `finetune` and `demo` show it."""
+    """Measured frozen vs unfrozen, then the analytic breakdown; `finetune` and `demo` show it.
+
+    Each saving is the library's verdict: a saving or a cost only where its whole interval lies
+    on that side of zero, else no measurable difference.
+    """
     table = Table(title="What freezing saved (measured, same configuration)", title_justify="left")
     for column in ("", "frozen (this run)", "nothing frozen", "saving"):
         table.add_column(column, justify="right" if column else "left")
     memory = report.peak_memory_bytes
-    times = report.step_time_s
     table.add_row("peak memory", _mib(memory["frozen"]), _mib(memory["unfrozen"]),
-                  f"{report.memory_saving:.1%}")  # fmt: skip
-    table.add_row("median step time", f"{times['frozen'] * 1000:.0f} ms",
-                  f"{times['unfrozen'] * 1000:.0f} ms", f"{report.time_saving:.1%}")  # fmt: skip
+                  report.memory_verdict)  # fmt: skip
+    times, spreads = report.step_time_s, report.step_time_spread_s
+    cells = [
+        f"{times[n] * 1000:.0f} ms ({spreads[n][0] * 1000:.0f}-{spreads[n][1] * 1000:.0f})"
+        for n in ("frozen", "unfrozen")
+    ]
+    table.add_row("step time (median, IQR)", *cells, report.time_verdict)
     for name, values in report.analytic_bytes.items():
         saved = values["unfrozen"] - values["frozen"]
         label = f"  {name.replace('_', ' ')}"
-        saved_text = _mib(saved) if saved else ""
+        saved_text = _mib(saved) if saved > 0 else ""  # a measured remainder can dip below
         table.add_row(label, _mib(values["frozen"]), _mib(values["unfrozen"]), saved_text)
     console.print(table)
     console.print(
         f"frozen: {report.frozen_tensors}/{report.total_tensors} tensors, "
         f"{report.frozen_params:,}/{report.total_params:,} parameters; memory measured as "
-        f"{report.measurement}; growth over the loaded model saved "
-        f"{report.training_memory_saving:.1%}"
+        f"{report.measurement}; growth over the loaded model "
+        + (
+            f"saved {report.training_memory_saving:.1%}"
+            if report.training_memory_saving > 0
+            else "not smaller"
+        )
     )
+    console.print(f"step time: {report.timing}")
+    console.print(f"[dim]{report.device_note}[/]")
 
 
 def render_finetune(result: TrainResult) -> None:
@@ -193,6 +206,8 @@ def render_finetune(result: TrainResult) -> None:
     rows += [("processes", str(result.processes)), ("seconds", f"{result.seconds:.1f}")]
     if result.exported is not None:
         rows += [("also saved as", str(result.exported))]
+    if result.validation:
+        rows += [("validation grids", f"{len(result.validation)}, last {result.validation[-1]}")]
     if result.removed_staging:
         left = ", ".join(result.removed_staging)
         rows += [("cleaned up", f"half-written files of a killed run: {left}")]

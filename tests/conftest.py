@@ -13,6 +13,14 @@ from typer.testing import CliRunner
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _encoding_cache(tmp_path_factory):
+    """Encodings are cached in one folder per test session, never in the user's own cache."""
+    from guardtune.training.encode import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("encoding-cache"))
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

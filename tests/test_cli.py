@@ -171,7 +171,7 @@ def test_publish_defaults_are_the_recipes_and_the_learners_defaults():
     expected |= {name: getattr(config, name) for name in ("user_lr", "user_reset_every")}
     expected |= {"steps": config.rounds, "user_steps_per_update": config.user_steps}
     expected |= {"mask_lr": config.mask_lr}
-    _assert_defaults(cli.publish, expected)
+    _assert_defaults(cli.publish, expected, cli_only={"config_file"})  # --config FILE
 
 
 def test_finetune_defaults_are_the_recipes_and_train_configs_defaults():
@@ -182,10 +182,17 @@ def test_finetune_defaults_are_the_recipes_and_train_configs_defaults():
     config = library.pop("config")
     assert config == TrainConfig()
     library.pop("show_progress")  # the CLI always shows progress
+    library.pop("settings")  # the CLI's run.toml: its options merged (tests/test_runconfig.py)
     fields = [f.name for f in dataclasses.fields(TrainConfig)]  # every field is an option
     expected = library | {name: getattr(config, name) for name in fields}
+    # Spelled as users know them: a repeatable --validation-prompt, and --no-latent-cache.
+    expected["validation_prompt"] = expected.pop("validation_prompts")
+    expected["no_latent_cache"] = not expected.pop("cache")
+    passed = {"validation_prompt": lambda v: tuple(v or ())}
     # The recipe needs an output folder (the command offers one) and writes no report file.
-    _assert_defaults(cli.finetune, expected, cli_only={"out", "report"})
+    _assert_defaults(
+        cli.finetune, expected, cli_only={"out", "report", "config_file"}, passed=passed
+    )
 
 
 def test_audit_defaults_are_audit_defaults():
@@ -221,7 +228,9 @@ def test_evaluate_defaults_are_the_evaluations_and_its_configs_defaults():
 
     passed = {"methods": as_list, "steps": lambda text: tuple(map(int, as_list(text)))}
     # The command plots and journals under runs/evaluate/; the library only when asked.
-    _assert_defaults(cli.evaluate, expected, cli_only={"plot", "work_dir"}, passed=passed)
+    _assert_defaults(
+        cli.evaluate, expected, cli_only={"plot", "work_dir", "config_file"}, passed=passed
+    )
 
 
 def test_export_has_no_defaults_of_its_own():

@@ -9,7 +9,8 @@ from tests.conftest import combined_output
 
 def _generate(runner, tmp_path, name, seed, *extra):
     out = tmp_path / f"{name}.png"
-    args = ["generate", "--prompt", "a handwritten digit three", "--num", "4", "--steps", "5"]
+    args = ["generate", "--prompt", "a handwritten digit three", "--num", "4",
+            "--num-inference-steps", "5"]  # fmt: skip
     result = runner.invoke(app, [*args, "--seed", str(seed), "--out", str(out), *extra])
     assert result.exit_code == 0, combined_output(result)
     return np.asarray(Image.open(out))
@@ -37,7 +38,8 @@ def test_out_dir_single_images_and_json(runner, tmp_path):
 
 
 def test_generate_rejects_a_non_png_output(runner, tmp_path):
-    args = ["generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "grid.jpg")]
+    args = ["generate", "--prompt", "x", "--num-inference-steps", "1",
+            "--out", str(tmp_path / "grid.jpg")]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 3
     assert "png" in combined_output(result)
@@ -46,7 +48,8 @@ def test_generate_rejects_a_non_png_output(runner, tmp_path):
 
 def test_sampling_shows_its_progress_step_by_step(runner, tmp_path):
     out = tmp_path / "p.png"
-    args = ["generate", "--prompt", "a handwritten digit three", "--num", "2", "--steps", "3"]
+    args = ["generate", "--prompt", "a handwritten digit three", "--num", "2",
+            "--num-inference-steps", "3"]  # fmt: skip
     result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, combined_output(result)
     # Not a terminal here: the bar becomes lines, the last one at the final denoising step.

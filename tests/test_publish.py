@@ -100,7 +100,7 @@ def test_cli_defaults_are_the_learners_defaults():
 
 def _tiny_publish_args(folders, key: Path, model: Path) -> list[str]:
     return ["publish", "--illegal", str(folders[0]), "--legal", str(folders[1]), "--key", str(key),
-            "--model", str(model), "--relearn-steps", "2", "--steps", "3",
+            "--model", str(model), "--relearn-steps", "2", "--mask-updates", "3",
             "--user-steps-per-update", "1", "--user-reset-every", "2",
             "--batch-size", "2"]  # fmt: skip
 

@@ -52,11 +52,11 @@ def test_sd2_style_model_in_every_command(runner, sd2, scenario, tmp_path):
          "--steps", "2", "--batch-size", "2", "--no-compare")  # fmt: skip
     _run(runner, "audit", str(tmp_path / "run"), *trusted)
     _run(runner, "generate", "-m", str(tmp_path / "run" / "model"), "--prompt",
-         "a handwritten digit seven", "--num", "2", "--steps", "2",
+         "a handwritten digit seven", "--num", "2", "--num-inference-steps", "2",
          "--out", str(tmp_path / "g.png"))  # fmt: skip
     report = tmp_path / "evaluate.json"
     _run(runner, "evaluate", "--illegal", str(data), "--legal", str(legal), "-m", str(sd2),
-         *trusted, "--methods", "full,freezeasguard", "--steps", "1", "--seeds", "1",
+         *trusted, "--methods", "full,freezeasguard", "--user-steps", "1", "--seeds", "1",
          "--samples", "2", "--json", str(report), "--work-dir", str(tmp_path / "ev"))  # fmt: skip
     result = json.loads(report.read_text())
     assert result["scorer"] == "loss" and {r["method"] for r in result["summary"]} == {

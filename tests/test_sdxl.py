@@ -63,7 +63,7 @@ def test_sdxl_in_every_command(runner, sdxl, scenario, tmp_path):
     trusted = ("--trusted", str(scenario.public))
     _run(runner, "publish", "--illegal", str(data), "--legal", str(legal), "--key",
          str(scenario.key), "-m", str(sdxl), "--ratio", "0.3", "--relearn-steps", "2",
-         "--steps", "2", "--user-steps-per-update", "1", "--batch-size", "2")  # fmt: skip
+         "--mask-updates", "2", "--user-steps-per-update", "1", "--batch-size", "2")  # fmt: skip
     policy = json.loads(_payload(sdxl))
     assert set(policy["model"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert {"text_encoder_2/config.json", "tokenizer_2/tokenizer.json"} <= set(policy["configs"])
@@ -85,10 +85,10 @@ def test_sdxl_in_every_command(runner, sdxl, scenario, tmp_path):
     assert all(torch.equal(base[n[5:]], tuned[n[5:]]) for n in frozen)
     assert any(not torch.equal(base[n], tuned[n]) for n in base if f"unet.{n}" not in frozen)
     _run(runner, "generate", "-m", str(tmp_path / "full" / "model"), "--prompt",
-         "a handwritten digit seven", "--num", "2", "--steps", "2",
+         "a handwritten digit seven", "--num", "2", "--num-inference-steps", "2",
          "--out", str(tmp_path / "g.png"))  # fmt: skip
     _run(runner, "generate", "-m", str(sdxl), "--lora", str(tmp_path / "lora" / LORA_FILE),
-         "--prompt", "a handwritten digit seven", "--num", "1", "--steps", "2",
+         "--prompt", "a handwritten digit seven", "--num", "1", "--num-inference-steps", "2",
          "--out", str(tmp_path / "l.png"))  # fmt: skip
     # An edited frozen tensor in the derivative is caught.
     weights = tmp_path / "full" / "model" / "unet" / "diffusion_pytorch_model.safetensors"

@@ -50,6 +50,7 @@ from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
 from guardtune.training.encode import EncodedData
 from guardtune.training.progress import StepReporter, track
+from guardtune.training.rundir import RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _measure(pipeline, scheduler, task: Task, scorer: Scorer | None, all_prompts
              config: EvaluateConfig, sample_seed: int) -> dict[str, float]:  # fmt: skip
     """Held-out loss (overall and per class) and, with a scorer, the scores of fresh samples."""
     held = task.held_out
-    losses = held_out_losses(pipeline.unet, scheduler, held.latent_mean * held.scaling,
+    losses = held_out_losses(pipeline.unet, scheduler, held.example_latents(),
                              held.embeddings[held.caption_row])  # fmt: skip
     metrics = {"held_out_loss": float(losses.mean())}
     for row, prompt in enumerate(held.captions):
@@ -232,8 +233,14 @@ def evaluate(
     plot: Path | None = None,
     show_progress: bool = True,
     workdir: Path | None = None,
+    settings: str | None = None,
 ) -> EvaluationResult:
-    """Run the plan; see the module docstring."""
+    """Run the plan; see the module docstring.
+
+    `settings` is the run's effective configuration as TOML text (the CLI's options, file and
+    command line merged); it is written into the work folder, beside the journals, as the
+    evaluation starts (the latest evaluation's, as the plot is).
+    """
     started = time.perf_counter()
     _check(illegal, legal, config)
     source = resolve_model(model, model_config)
@@ -275,6 +282,8 @@ def evaluate(
         workdir or Path("runs") / "evaluate",
         _settings(config, checkpoints, scorer_spec, model_root, tasks),
     )
+    if settings is not None:
+        atomic.write_text(journal.path.parent / RUN_CONFIG, settings)
     variants = {m: digest(method_settings(m, config, share, policy_label)) for m in config.methods}
     plan = [RunKey(m, variants[m], s, t.name)
             for m in config.methods for s in range(config.seeds) for t in tasks]  # fmt: skip
@@ -327,7 +336,7 @@ def _check(illegal: list[Path], legal: list[Path], config: EvaluateConfig) -> No
     if not illegal or not legal:
         raise DataError("evaluate needs at least one --illegal and one --legal data folder")
     if not config.steps or min(config.steps) < 1 or config.seeds < 1 or config.samples < 1:
-        raise DataError("--steps must be positive, --seeds and --samples at least 1")
+        raise DataError("--user-steps must be positive, --seeds and --samples at least 1")
     if config.ratio is not None and not 0 < config.ratio < 1:
         raise DataError("--ratio must be in (0, 1)")
 

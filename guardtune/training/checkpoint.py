@@ -1,7 +1,8 @@
 """Training checkpoints: atomic, self-verifying, and refused when corrupt or tampered.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` written in one rename, holding the
-trainable tensors (`trainable.safetensors`), the optimizer and LR-scheduler state, and
+trainable tensors (`trainable.safetensors`), their EMA when the run keeps one
+(`ema.safetensors`), the optimizer and LR-scheduler state, and
 `state.json` with the step, the run's identity (config digest, base model root digest, policy
 digest) and the sha256 of every file. Loading re-hashes every file and checks the identity, so a
 checkpoint from another run, a corrupted file or an edited tensor is refused (exit 3), and a
@@ -28,6 +29,7 @@ from guardtune.errors import DataError, IntegrityError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.json")
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -54,6 +57,7 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     scheduler_state: dict[str, Any],
     keep: int = 2,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoints/step-NNNNNN atomically; keep only the newest `keep` checkpoints."""
     target = folder / f"step-{step:06d}"
@@ -62,10 +66,14 @@ def save_checkpoint(
                   str(staging / "trainable.safetensors"))  # fmt: skip
         torch.save(optimizer_state, staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler_state, sort_keys=True))
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()},
+                      str(staging / EMA_FILE))  # fmt: skip
+        names = (*FILES, EMA_FILE) if ema is not None else FILES
         state = {
             "step": step,
             "run": run_identity,
-            "files": {name: _sha256(staging / name) for name in FILES},
+            "files": {name: _sha256(staging / name) for name in names},
         }
         (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
@@ -94,15 +102,17 @@ def resolve_resume(folder: Path, resume: str) -> Path:
 
 
 def load_checkpoint(
-    path: Path, run_identity: dict[str, str], trainable_names: set[str], frozen: set[str]
-) -> Checkpoint:
-    """Load and check a checkpoint of this very run; refuse anything else."""
+    path: Path, run_identity: dict[str, str], trainable_names: set[str], frozen: set[str],
+    ema: bool = False,
+) -> Checkpoint:  # fmt: skip
+    """Load and check a checkpoint of this very run (with its EMA if `ema`); refuse anything
+    else."""
     try:
         state = json.loads((path / "state.json").read_text())
         step, files, run = int(state["step"]), dict(state["files"]), dict(state["run"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(f"checkpoint {path} has no valid state.json ({error})") from error
-    for name in FILES:
+    for name in (*FILES, EMA_FILE) if ema else FILES:
         if not (path / name).is_file() or _sha256(path / name) != files.get(name):
             raise DataError(f"checkpoint {path}: {name} is corrupt or was modified; refusing it")
     if run != run_identity:
@@ -120,7 +130,10 @@ def load_checkpoint(
         raise IntegrityError(f"checkpoint {path} carries frozen tensor unet.{smuggled[0]}")
     if set(trainable) != trainable_names:
         raise DataError(f"checkpoint {path} does not hold this run's trainable tensors")
-    return Checkpoint(step, trainable, optimizer, scheduler)
+    averaged = load_file(str(path / EMA_FILE)) if ema else None
+    if averaged is not None and set(averaged) != trainable_names:
+        raise DataError(f"checkpoint {path}: its EMA does not hold this run's trainable tensors")
+    return Checkpoint(step, trainable, optimizer, scheduler, averaged)
 
 
 def _check_step(path: Path, step: int, optimizer: dict[str, Any], scheduler: dict[str, Any]):

@@ -67,6 +67,14 @@ def unet_inputs(unet, states: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def with_time_ids(states: torch.Tensor, width: int, ids: torch.Tensor) -> torch.Tensor:
+    """SDXL conditioning `states` with each example's six size numbers replaced by `ids`
+    (pooled embeddings `width` wide): the numbers of the crop a draw actually trained on."""
+    states = states.clone()
+    states[:, -1, width : width + TIME_IDS] = ids.to(states.dtype)
+    return states
+
+
 def time_ids(resolution: int, count: int) -> torch.Tensor:
     """Size conditioning for square training images seen whole, as sampling at that size uses:
     original size = target size = (resolution, resolution), no crop."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 
@@ -24,18 +26,21 @@ LR_SCHEDULERS = (
 )  # fmt: skip
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+REPORT_TO = ("none", "tensorboard", "wandb")  # accelerate's trackers that guardtune serves
+DEFAULT_STEPS = 200
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The options of `guardtune finetune`; defaults follow diffusers' training scripts."""
 
-    steps: int = 200
+    steps: int | None = None  # optimizer steps; DEFAULT_STEPS unless `epochs` is given
+    epochs: int | None = None  # passes over the data instead of a step count
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None  # 1e-5 full fine-tune, 1e-4 LoRA
     lr_scheduler: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 500  # diffusers' default; "constant" (the default schedule) has none
     resolution: int | None = None  # the model's native size
     seed: int = 0
     lora: bool = False
@@ -50,8 +55,22 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
+    random_flip: bool = False  # mirror each draw with probability 1/2
+    random_crop: bool = False  # crop the square at a random place (else the centre)
+    enable_bucket: bool = False  # aspect-ratio buckets: train each image near its own shape
+    min_bucket_reso: int | None = None  # a bucket's shortest side (default: resolution / 2)
+    max_bucket_reso: int | None = None  # a bucket's longest side (default: 2 x resolution)
+    bucket_reso_steps: int | None = None  # side granularity (default: what the UNet divides)
+    caption_dropout_rate: float = 0.0  # chance that a draw is trained on the empty caption
+    noise_offset: float = 0.0  # per-channel offset added to the noise (darker/brighter images)
+    use_ema: bool = False  # write the exponential moving average of the trained weights
+    ema_decay: float = 0.9999
     checkpoint_every: int = 0
     checkpoints_total_limit: int = 2  # 0: keep every checkpoint
+    validation_prompts: tuple[str, ...] = ()
+    validation_steps: int = 100  # sample the validation prompts every N steps (and at the end)
+    num_validation_images: int = 4  # per prompt
+    report_to: str = "none"  # or tensorboard, wandb: accelerate's trackers
 
     def __post_init__(self) -> None:
         """Choices are checked when the options are made, before anything is loaded (exit 2)."""
@@ -59,9 +78,31 @@ class TrainConfig:
             ("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS),
             ("--mixed-precision", self.mixed_precision, MIXED_PRECISION),
             ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--report-to", self.report_to, REPORT_TO),
         ):
             if value not in choices:
                 raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("--steps and --epochs are alternatives: give one")
+        for option, count in (("--steps", self.steps), ("--epochs", self.epochs)):
+            if count is not None and count < 1:
+                raise UsageError(f"{option} must be at least 1, not {count}")
+        if not 0 <= self.caption_dropout_rate < 1:
+            raise UsageError(
+                f"--caption-dropout-rate must be in [0, 1), not {self.caption_dropout_rate}"
+            )
+        low, high = self.min_bucket_reso, self.max_bucket_reso
+        if low is not None and high is not None and low > high:
+            raise UsageError(f"--min-bucket-reso {low} is above --max-bucket-reso {high}")
+        if not 0 < self.ema_decay < 1:
+            raise UsageError(f"--ema-decay must be in (0, 1), not {self.ema_decay}")
+
+    def total_steps(self, batches_per_epoch: Fraction, processes: int = 1) -> int:
+        """Optimizer steps of the run: `steps`, or enough for `epochs` passes over the data
+        (each step takes grad_accum batches on every process)."""
+        if self.epochs is None:
+            return self.steps if self.steps is not None else DEFAULT_STEPS
+        return max(1, math.ceil(self.epochs * batches_per_epoch / (self.grad_accum * processes)))
 
     @property
     def learning_rate(self) -> float:
@@ -69,7 +110,10 @@ class TrainConfig:
 
     def digest(self) -> str:
         """Identity of the options that shape the trajectory (not how we checkpoint)."""
-        bookkeeping = ("checkpoint_every", "checkpoints_total_limit")
+        bookkeeping = (
+            "checkpoint_every", "checkpoints_total_limit", "validation_prompts",
+            "validation_steps", "num_validation_images", "report_to",
+        )  # fmt: skip
         relevant = {k: v for k, v in asdict(self).items() if k not in bookkeeping}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

@@ -2,27 +2,32 @@
 
 Stages, in the order `finetune` runs them: claim the output folder (`training/rundir.py`) ->
 verify (the policy, before anything is loaded for training) -> load (fp32 master weights) ->
-freeze (`enforce/freeze.py`) and arm the guard -> encode (latents and text embeddings, once) ->
-adapt (LoRA adapters on unfrozen projections, or the unfrozen UNet tensors) -> resume -> train
-(the text-to-image objective of diffusers' training script) with checkpoints and a log -> guard
-(no frozen tensor moved) -> write (the pipeline or LoRA file, with its provenance) -> compare
-(what freezing saved, measured).
+freeze (`enforce/freeze.py`) and arm the guard -> encode (latents and text embeddings, once,
+into the on-disk cache of `training/encode.py`) -> adapt (LoRA adapters on unfrozen
+projections, or the unfrozen UNet tensors) -> resume -> train (the text-to-image objective of
+diffusers' training script, with its augmentations: flip, crop, caption dropout, noise offset,
+EMA) with checkpoints, a log, validation grids and trackers -> guard (no frozen tensor moved)
+-> write (the pipeline or LoRA file, with its provenance) -> compare (what freezing saved,
+measured).
 
-Every random draw of step s comes from a generator seeded with (seed, s, process), so a run
-resumed from a checkpoint takes the same batches, noise and timesteps as an uninterrupted one
-and ends with the same weights. Runs on one process or under `accelerate launch` (DDP): every
-rank verifies the policy and checks the guard; only the main process writes. Imported by the
-CLI and the demo only; other recipes use the components in `guardtune.training`.
+Examples are drawn in epochs (`training/order.py`) and every other random draw of step s comes
+from a generator seeded with (seed, s, process), so a run resumed from a checkpoint takes the
+same batches, noise and timesteps as an uninterrupted one and ends with the same weights. Runs
+on one process or under `accelerate launch` (DDP): every rank verifies the policy and checks
+the guard; only the main process writes. Imported by the CLI and the demo only; other recipes
+use the components in `guardtune.training`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import torch
 
@@ -38,7 +43,7 @@ from guardtune.data import ImageCaptionDataset, scan_folder
 from guardtune.distributed import is_main_process
 from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
 from guardtune.enforce.guard import FrozenDigests
-from guardtune.errors import DataError, GuardtuneError, PolicyError
+from guardtune.errors import DataError, GuardtuneError, PolicyError, UsageError
 from guardtune.export import check_save_as, save_run_as
 from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
@@ -49,12 +54,14 @@ from guardtune.training.config import (
     build_optimizer,
     resolve_mixed_precision,
 )
+from guardtune.training.ema import EmaWeights
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.log import LogRow, TrainLog, memory_now
 from guardtune.training.loss import diffusion_loss
 from guardtune.training.memory import peak_memory_bytes
-from guardtune.training.progress import track
-from guardtune.training.rundir import check_run_folder, claim
+from guardtune.training.order import BucketOrder, EpochOrder, batch_number, bucket_sizes
+from guardtune.training.progress import console, track
+from guardtune.training.rundir import RUN_CONFIG, check_run_folder, claim
 from guardtune.training.savings import SavingsReport, measure_savings
 from guardtune.trust.fingerprint import model_tensors
 from guardtune.trust.verify import VerifiedPolicy, verify_policy
@@ -78,6 +85,7 @@ class TrainResult:
     savings: SavingsReport | None = None
     savings_missing: str | None = None  # why the comparison failed, when it did
     exported: Path | None = None  # the --save-as export beside the output
+    validation: tuple[Path, ...] = ()  # the validation grids, in step order
     processes: int = 1
     ignored_policy: Path | None = None  # the model's own policy, set aside on request
     removed_staging: tuple[str, ...] = ()  # what a killed run left half-written in `out`
@@ -108,9 +116,18 @@ def finetune(
     save_as: str = "diffusers",
     compare: bool = True,
     show_progress: bool = True,
+    settings: str | None = None,
+    cache: bool = True,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on the images in `data` under its verified policy; write to `out`
-    (and, with `save_as` kohya or single-file, that export of the result beside it)."""
+    (and, with `save_as` kohya or single-file, that export of the result beside it).
+
+    `settings` is the run's effective configuration as TOML text (the CLI's options, file and
+    command line merged); it is written into `out` when the run claims it. Encodings of the
+    data are cached in `cache_dir` (default: `encode.default_cache_dir()`), or, without
+    `cache`, kept in temporary files for this run only.
+    """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -118,10 +135,13 @@ def finetune(
     start_time = time.perf_counter()
     out = Path(out)
     check_save_as(save_as, config.lora)
+    check_tracker(config.report_to)
     run_folder = check_run_folder(out, resume, is_main_process())
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(config, torch.cuda.is_available()),
         cpu=not torch.cuda.is_available(),
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=out / "logs",
     )
     device = accelerator.device
 
@@ -151,12 +171,23 @@ def finetune(
 
     # Encode: the VAE and text encoder are never trained here, so their outputs are cached.
     shown = show_progress and is_main_process()
-    encoded = EncodedData(pipeline, ImageCaptionDataset(scan, resolution), device, shown)
+    buckets = bucket_options(config, pipeline, resolution) if config.enable_bucket else None
+    encode = functools.partial(
+        EncodedData, pipeline, device=device, show_progress=shown, cache=cache,
+        cache_dir=cache_dir, flip=config.random_flip, random_crop=config.random_crop,
+        buckets=buckets,
+    )  # fmt: skip
+    dropped = ("",) if config.caption_dropout_rate else ()
+    encoded = encode(ImageCaptionDataset(scan, resolution), extra_captions=dropped)
     prior = None
     if class_scan is not None:
-        prior = EncodedData(pipeline, ImageCaptionDataset(class_scan, resolution), device, shown)
+        prior = encode(ImageCaptionDataset(class_scan, resolution))
     for module in encoders(pipeline):
-        module.to("cpu")
+        if not (config.random_crop and module is pipeline.vae):  # random crops encode per draw
+            module.to("cpu")
+    order = make_order(encoded, config, 0)
+    prior_order = make_order(prior, config, 1) if prior is not None else None
+    total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
 
     # Adapt: the unfrozen UNet tensors train, or LoRA adapters on unfrozen projections.
     if config.lora:
@@ -169,7 +200,7 @@ def finetune(
     optimizer = build_optimizer(list(trainable.values()), config)
     lr_schedule = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
-        num_training_steps=config.steps,
+        num_training_steps=total_steps,
     )  # fmt: skip
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     unet.train()
@@ -187,46 +218,59 @@ def finetune(
     }
     checkpoints = run_folder.checkpoints
     start_step = 0
+    ema = EmaWeights(trainable, config.ema_decay) if config.use_ema else None
     if resume is not None:
         checkpoint = load_checkpoint(
-            resolve_resume(checkpoints, resume), run_identity, set(trainable), frozen
-        )
+            resolve_resume(checkpoints, resume), run_identity, set(trainable), frozen,
+            ema=ema is not None,
+        )  # fmt: skip
         with torch.no_grad():
             for name, tensor in checkpoint.trainable.items():
                 trainable[name].copy_(tensor.to(trainable[name].device))
         optimizer.load_state_dict(checkpoint.optimizer)
         lr_schedule.load_state_dict(checkpoint.scheduler)
         start_step = checkpoint.step
+        if ema is not None and checkpoint.ema is not None:
+            ema.load(checkpoint.ema, start_step)
     log = TrainLog.resumed(out, start_step) if start_step else TrainLog()
 
     # Train, into the folder this run now claims.
     run_folder = claim(run_folder)
+    if settings is not None and accelerator.is_main_process:
+        atomic.write_text(out / RUN_CONFIG, settings)
+    if config.report_to != "none":
+        accelerator.init_trackers("guardtune-finetune", config=tracker_config(config))
     rank, world = accelerator.process_index, accelerator.num_processes
     step_times: list[float] = []
     losses: list[float] = []
+    grids: list[Path] = []
     loss_value = float("nan")
     enabled = show_progress and accelerator.is_main_process
-    with track("fine-tune", config.steps, device, enabled) as report:
+    with track("fine-tune", total_steps, device, enabled) as report:
         if start_step:
             report(advance=start_step)
-        for step in range(start_step, config.steps):
+        for step in range(start_step, total_steps):
             began = time.perf_counter()
             total = 0.0
             for micro in range(config.grad_accum):
                 generator = step_generator(config.seed, step, micro, rank)
-                latents, states = encoded.batch(config.batch_size, generator)
+                number = batch_number(step, micro, rank, config.grad_accum, world)
+                index = order.batch(number)
+                latents, states = encoded.take(index, generator, config.caption_dropout_rate)
                 sync = micro == config.grad_accum - 1
                 # Gradients are all-reduced once per optimizer step, on its last micro-batch.
                 skip_sync = accelerator.no_sync(unet) if not sync and world > 1 else None
                 with skip_sync or contextlib.nullcontext(), accelerator.autocast():
                     loss = diffusion_loss(
-                        unet, noise_scheduler, latents, states, generator, config.snr_gamma
-                    )
-                    if prior is not None:
-                        prior_latents, prior_states = prior.batch(config.batch_size, generator)
+                        unet, noise_scheduler, latents, states, generator, config.snr_gamma,
+                        config.noise_offset,
+                    )  # fmt: skip
+                    if prior is not None and prior_order is not None:
+                        prior_index = prior_order.batch(number)
+                        prior_latents, prior_states = prior.take(prior_index, generator)
                         prior_loss = diffusion_loss(
                             unet, noise_scheduler, prior_latents, prior_states, generator,
-                            config.snr_gamma,
+                            config.snr_gamma, config.noise_offset,
                         )  # fmt: skip
                         loss = loss + config.prior_loss_weight * prior_loss
                     accelerator.backward(loss / config.grad_accum)
@@ -234,6 +278,8 @@ def finetune(
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
             optimizer.step()
+            if ema is not None:
+                ema.update(trainable)
             used_lr = float(lr_schedule.get_last_lr()[0])
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -243,10 +289,22 @@ def finetune(
             report(loss=loss_value, lr=float(lr_schedule.get_last_lr()[0]))
             done = step + 1
             log.add(LogRow(done, total, used_lr, 1 / step_times[-1], memory_now(device)))
+            if config.report_to != "none":
+                accelerator.log({"loss": total, "lr": used_lr}, step=done)
+            if config.validation_prompts and (
+                done % config.validation_steps == 0 or done == total_steps
+            ):
+                if accelerator.is_main_process:
+                    grid = validation_grid(pipeline, accelerator.unwrap_model(unet), trainable,
+                                           ema, config, out, done)  # fmt: skip
+                    grids.append(grid)
+                    if enabled:
+                        console.print(f"validation grid: {grid}", highlight=False)
+                accelerator.wait_for_everyone()
             if (
                 config.checkpoint_every
                 and done % config.checkpoint_every == 0
-                and done < config.steps
+                and done < total_steps
             ):
                 if guard is not None:
                     guard.check(accelerator.unwrap_model(unet))
@@ -256,12 +314,18 @@ def finetune(
                         {n: p.detach() for n, p in trainable.items()},
                         optimizer.state_dict(), lr_schedule.state_dict(),
                         keep=config.checkpoints_total_limit,
+                        ema=ema.state() if ema is not None else None,
                     )  # fmt: skip
                     log.write(out)
                 accelerator.wait_for_everyone()
 
-    # Guard: nothing is written if a frozen tensor moved.
+    if config.report_to != "none":
+        accelerator.end_training()
+
+    # Guard: nothing is written if a frozen tensor moved (the EMA holds only trained tensors).
     unet = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(trainable)
     if guard is not None:
         guard.check(unet)
 
@@ -305,7 +369,7 @@ def finetune(
     return TrainResult(
         out=out,
         mode=mode,
-        steps=config.steps,
+        steps=total_steps,
         resumed_from=start_step,
         final_loss=loss_value,
         policy=verified.policy_path if verified else None,
@@ -319,6 +383,7 @@ def finetune(
         savings=savings,
         savings_missing=savings_missing,
         exported=exported,
+        validation=tuple(grids),
         processes=world,
         ignored_policy=ignored,
         removed_staging=run_folder.removed,
@@ -378,3 +443,82 @@ def write_output(
                 (staging / POLICY_FILE).write_bytes(verified.policy_path.read_bytes())
             (staging / PROVENANCE_FILE).write_text(provenance_text)
     atomic.write_text(out / PROVENANCE_FILE, provenance_text)
+
+
+def bucket_options(config: TrainConfig, pipeline, resolution: int) -> list[tuple[int, int]]:
+    """The run's aspect-ratio buckets; sides default to what the UNet can divide evenly (the
+    VAE's factor times one halving per down block: 64 px for Stable Diffusion)."""
+    levels = len(pipeline.unet.config.block_out_channels)
+    step = config.bucket_reso_steps or pipeline.vae_scale_factor * 2 ** (levels - 1)
+    low = config.min_bucket_reso or resolution // 2
+    high = config.max_bucket_reso or resolution * 2
+    if low > high or step > high:
+        raise UsageError(f"no bucket fits --min-bucket-reso {low}, --max-bucket-reso {high} and "
+                         f"--bucket-reso-steps {step}")  # fmt: skip
+    return bucket_sizes(resolution, step, low, high)
+
+
+def make_order(encoded: EncodedData, config: TrainConfig, stream: int) -> EpochOrder | BucketOrder:
+    """The draw order of a data set: batches within buckets when the run has them."""
+    if config.enable_bucket:
+        return BucketOrder(encoded.bucket_of_example, config.seed + stream, config.batch_size)
+    return EpochOrder(len(encoded), config.seed + stream, config.batch_size)
+
+
+def check_tracker(report_to: str) -> None:
+    """UsageError (exit 2), before anything runs, unless `--report-to` can be served here."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to in available and not available[report_to]():
+        package = "tensorboard (or tensorboardX)" if report_to == "tensorboard" else "wandb"
+        raise UsageError(f"--report-to {report_to} needs the {package} package: pip install it")
+
+
+def tracker_config(config: TrainConfig) -> dict[str, int | float | str | bool]:
+    """The options as trackers take them: scalars only (TensorBoard's hparams refuse others)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for name, value in asdict(config).items():
+        if isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def validation_grid(
+    pipeline, unet, trainable: dict[str, torch.nn.Parameter], ema: EmaWeights | None,
+    config: TrainConfig, out: Path, step: int,
+) -> Path:  # fmt: skip
+    """Sample the validation prompts with the weights as they are at `step` (their EMA, when
+    the run keeps one, as the written result will be) into `validation/step-NNNNNN.png`: one
+    row per prompt, always from the same seed, so grids of different steps compare."""
+    from guardtune.generate import make_grid, sample_images, save_png, to_pil
+
+    saved = {n: p.detach().clone() for n, p in trainable.items()} if ema is not None else None
+    if ema is not None:
+        ema.copy_to(trainable)
+    others = [m for m in encoders(pipeline) if m.device != unet.device]
+    places: list[Any] = [m.device for m in others]
+    trained_unet, was_training = pipeline.unet, unet.training
+    try:
+        pipeline.unet = unet
+        unet.eval()
+        for module in others:
+            module.to(unet.device)
+        generator = torch.Generator(device=unet.device).manual_seed(config.seed)
+        each = config.num_validation_images
+        prompts = [p for p in config.validation_prompts for _ in range(each)]
+        images = sample_images(pipeline, prompts, generator, batch_size=config.batch_size)
+    finally:
+        pipeline.unet = trained_unet
+        unet.train(was_training)
+        for module, place in zip(others, places, strict=True):
+            module.to(place)
+        if saved is not None:
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    trainable[name].copy_(tensor)
+    path = out / "validation" / f"step-{step:06d}.png"
+    save_png(make_grid(to_pil(images), columns=config.num_validation_images), path)
+    return path

@@ -60,10 +60,15 @@ def predict(unet, problem: DenoisingProblem, states: torch.Tensor) -> torch.Tens
 
 def diffusion_loss(
     unet, scheduler, latents: torch.Tensor, states: torch.Tensor, generator: torch.Generator,
-    snr_gamma: float | None = None,
+    snr_gamma: float | None = None, noise_offset: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """diffusers' text-to-image objective, with optional Min-SNR-gamma weighting."""
     noise, timesteps = draw_noise(scheduler, tuple(latents.shape), generator)
+    if noise_offset:
+        # diffusers' --noise_offset: a per-image, per-channel constant lets the model learn
+        # overall brightness, which zero-mean noise alone never moves.
+        batch, channels = latents.shape[:2]
+        noise = noise + noise_offset * torch.randn(batch, channels, 1, 1, generator=generator)
     problem = pose(scheduler, latents, noise, timesteps)
     prediction = predict(unet, problem, states)
     target = problem.target.to(prediction.device)

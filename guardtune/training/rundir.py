@@ -23,6 +23,8 @@ from guardtune.errors import DataError
 from guardtune.training.checkpoint import list_checkpoints
 
 RUN_MARK = "guardtune-run.json"
+# The effective options of the run, in the form `--config` reads, so it can be repeated.
+RUN_CONFIG = "run.toml"
 CHECKPOINTS = "checkpoints"
 # What guardtune.atomic stages beside a target: `.{name}.{random}.tmp`, and `.old` once retired.
 _STAGING = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp(\.old)?$")

@@ -33,7 +33,7 @@ def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders,
     tiny = [
         "--work-dir",
         str(tmp_path / "work"),
-        "--steps",
+        "--user-steps",
         "1,2",
         "--seeds",
         "1",
@@ -79,7 +79,7 @@ def test_every_method_and_metric_lands_in_the_json_and_the_plot(runner, folders,
 
 
 def test_a_wider_or_changed_evaluation_reruns_only_what_changed(runner, folders, tmp_path):
-    tiny = ["--work-dir", str(tmp_path / "work"), "--steps", "1", "--seeds", "1",
+    tiny = ["--work-dir", str(tmp_path / "work"), "--user-steps", "1", "--seeds", "1",
             "--samples", "2", "--batch-size", "2", "--plot", str(tmp_path / "p.png")]  # fmt: skip
 
     def run(methods: str, ratio: str) -> dict:

@@ -331,7 +331,7 @@ def test_generate_with_a_lora_file(runner, guarded, data, tmp_path):
     for extra in ([], ["--lora", str(tmp_path / "lora" / LORA_FILE)]):
         out = tmp_path / f"g{len(grids)}.png"
         args = ["generate", "--model", str(guarded), "--prompt", "a handwritten digit seven",
-                "--num", "2", "--steps", "3", "--out", str(out), *extra]  # fmt: skip
+                "--num", "2", "--num-inference-steps", "3", "--out", str(out), *extra]  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 0, combined_output(result)
         grids.append(out.read_bytes())
