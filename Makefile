@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Without a CUDA device, pin the CPU build of torch in the same pip command as everything else.
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: setup demo test lint embedded embedded-policy benchmark clean
+.PHONY: setup demo test lint embedded embedded-policy style-classifier benchmark clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ embedded: setup
 
 embedded-policy: setup
 	$(BIN)/python -m guardtune.digits.build --policy-only
+
+# Retrain the style classifier that judges legal style tasks (a few minutes on 2 CPU cores).
+style-classifier: setup
+	$(BIN)/python -m guardtune.digits.style
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

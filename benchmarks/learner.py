@@ -5,8 +5,9 @@ plain fine-tune steps (fused AdamW) on the same UNet and batch, each in its own 
 embedded model and on an SD v1.5-size UNet at small latents. Targets: time at most 1.15x, peak
 memory at most 1.3x. Both sides run with the CPU allocator setting guardtune uses
 (THP_MEM_ALLOC_ENABLE=1, see guardtune/runtime.py); `--small-pages` runs both without it.
+`--granularity channel` times the learner with a mask entry per output row instead of per tensor.
 
-    .venv/bin/python benchmarks/learner.py [--cycles 6] [--skip-sd]
+    .venv/bin/python benchmarks/learner.py [--cycles 6] [--skip-sd] [--granularity channel]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _Data:
         return latents, torch.randn(batch_size, *self.states, generator=generator)
 
 
-def child(kind: str, model: str, cycles: int) -> dict:
+def child(kind: str, model: str, cycles: int, granularity: str = "tensor") -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -76,7 +77,7 @@ def child(kind: str, model: str, cycles: int) -> dict:
                 times.append(time.perf_counter() - began)
     else:
         config = LearnerConfig(relearn_steps=1, rounds=cycles + 1, user_steps=USER_STEPS,
-                               batch_size=batch)  # fmt: skip
+                               batch_size=batch, granularity=granularity)  # fmt: skip
         stamps: list[float] = []
 
         def report(advance: int = 1, **fields: float) -> None:
@@ -95,13 +96,15 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=6)
     parser.add_argument("--skip-sd", action="store_true")
     parser.add_argument("--small-pages", action="store_true", help="4 KiB pages on both sides")
+    parser.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
+                        help="a mask entry per tensor or per output row")  # fmt: skip
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.cycles)))
+        print(json.dumps(child(args.child[0], args.child[1], args.cycles, args.granularity)))
         return
-    table = Table(title=f"One mask-update cycle ({USER_STEPS} user steps + 1 mask step) vs as many "
-                  "plain fine-tune steps")  # fmt: skip
+    table = Table(title=f"One mask-update cycle ({USER_STEPS} user steps + 1 mask step, a mask "
+                  f"per {args.granularity}) vs as many plain fine-tune steps")  # fmt: skip
     for column in ("model", "plain s", "learner s", "time ratio", "plain GiB", "learner GiB",
                    "memory ratio"):  # fmt: skip
         table.add_column(column, justify="right")
@@ -116,6 +119,8 @@ def main() -> None:
                 model,
                 "--cycles",
                 str(args.cycles),
+                "--granularity",
+                args.granularity,
             ]
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0" if args.small_pages else "1"}
             done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)

@@ -1,26 +1,36 @@
-"""How well policies protect the embedded model: illegal vs legal adaptation under attack.
+"""How well policies protect the embedded model, per split and per lever, against today's policy.
 
-Scenario: the base model knows digits 0-6. Illegal = teach it 7 and 9. Legal A = a bold stroke
-style of the known digits under the same prompts (an adaptation that differs in kind); legal B =
-teach it the new class 8. For each p, a FreezeAsGuard policy is learned and signed with
-`guardtune.publish` (illegal 7+9 against legal bold; 8 is never shown to the learner), then
-`guardtune.evaluate` runs the same simulated user on every task under full fine-tuning,
-random-p and the policy, at the policy's frozen-parameter share, and scores the samples with
-the digit scorer: illegal by recognisability, legal by quality (the right digit, with ink in
-the range of the task's real held-out images: bold for A, plain for B).
+The base model knows digits 0-6. A split names the illegal adaptation (teach it one or two new
+classes) and two legal ones: a stroke style of the known digits under the same prompts (bold,
+slant or outline: an adaptation that differs in kind) and a new class of its own (the same kind
+of task as the illegal one). The learner sees the illegal classes against the style only; the
+new class is never shown to it.
 
-The summary compares each learned policy with random-p at the same share: mitigation = 1 -
-illegal score / full fine-tune's; legal impact = 1 - legal score / full fine-tune's; and the
-margin of the policy over random-p's mean, next to both spreads over seeds (max - min).
+A lever is a way to make a policy, each learned and signed with `guardtune.publish` per split:
+- tensor: today's policy (FreezeAsGuard, one mask entry per tensor);
+- channel: one mask entry per output channel (`--granularity channel`);
+- horizon: the simulated user's restarts and losses taken along a 400-step attack;
+- combined: UCE on the illegal prompts first, then the mask on the edited model (its own
+  published folder);
+- channel+horizon, combined-channel: the levers together.
+`guardtune.evaluate` then runs the same simulated user on every task under full fine-tuning,
+random-p (at p), UCE and each lever's policy, 3 seeds, and scores samples with the digit
+scorer: illegal by recognisability, legal by quality (the right digit, in the style the real
+images of the task carry, as the style classifier judges them).
 
-Policies, their public keys and evaluate's journal live in --work-dir, so a killed run resumes:
-a learned policy is reused, and evaluate trains only the runs its journal lacks (full
-fine-tuning once for all p). Every checkpoint of every run samples each task through 25 DDIM
-steps, so even tiny settings (the second line) take minutes on two cores:
+Reported per split and step: mitigation (1 - illegal score / full fine-tune's), legal impact on
+the style and on the new class (1 - score / full's), each with its seed spread; where each
+method's mitigation crosses 20%; then over splits the mean and the worst case; and the targets
+of the embedded split (illegal 7+9, legal bold and new 8; p = 0.3) checked for every lever.
 
-    .venv/bin/python benchmarks/protection.py [--user-steps 100,200,400] [--samples 128] [--seeds 3]
-    .venv/bin/python benchmarks/protection.py --quick --user-steps 2 --seeds 1 --samples 2 \\
-        --ratios 0.3
+Policies, their keys, edited models and evaluate's journal live in --work-dir, so a killed run
+resumes: a learned policy is reused, and evaluate trains only the runs its journal lacks (full
+fine-tuning, random-p and UCE once per split for all levers). Every checkpoint samples each task
+through 25 DDIM steps: the full default plan takes many hours on two cores; --splits and
+--levers pick part of it, and the second line tests the script in minutes:
+
+    .venv/bin/python benchmarks/protection.py [--splits embedded,...] [--levers tensor,channel]
+    .venv/bin/python benchmarks/protection.py --quick --splits embedded --levers tensor,channel
 """
 
 from __future__ import annotations
@@ -29,136 +39,271 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from guardtune import atomic
 from guardtune.digits.dataset import BASE_CLASSES, export_digits
-from guardtune.evaluate.run import EvaluateConfig, EvaluationResult, evaluate
+from guardtune.evaluate.run import EvaluateConfig, EvaluationResult, crossing, evaluate
 from guardtune.learn.freezeasguard import LearnerConfig
-from guardtune.publish import publish
+from guardtune.publish import COMBINED, publish
 from guardtune.trust.signing import generate_key, public_pem
 
-ILLEGAL = "illegal-7-9"
-LEGAL = ("legal-bold-0-6", "legal-new-8")
-# Each task's digits and style; the folder name labels the task in evaluate's results, the
-# short label in the tables.
-TASKS = {
-    ILLEGAL: ((7, 9), "plain", "7+9"),
-    LEGAL[0]: (BASE_CLASSES, "bold", "bold"),
-    LEGAL[1]: ((8,), "plain", "8"),
+
+@dataclass(frozen=True)
+class Split:
+    illegal: tuple[int, ...]  # new classes the illegal user teaches
+    style: str  # the legal style of the known digits
+    new: int  # the legal new class
+
+    def tasks(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Task folder name -> (classes, style); the illegal task first, then the two legal."""
+        return {
+            f"illegal-{'-'.join(map(str, self.illegal))}": (self.illegal, "plain"),
+            f"legal-{self.style}-0-6": (BASE_CLASSES, self.style),
+            f"legal-new-{self.new}": ((self.new,), "plain"),
+        }
+
+
+SPLITS = {
+    "embedded": Split((7, 9), "bold", 8),
+    "8-slant-9": Split((8,), "slant", 9),
+    "78-outline-9": Split((7, 8), "outline", 9),
+    "9-bold-7": Split((9,), "bold", 7),
+    "89-slant-7": Split((8, 9), "slant", 7),
 }
-METHODS = ("full", "random", "freezeasguard")
+HORIZON = 400
+LEVERS = {  # lever -> (publish method, learner settings beyond p)
+    "tensor": ("freezeasguard", {}),
+    "channel": ("freezeasguard", {"granularity": "channel"}),
+    "horizon": ("freezeasguard", {"horizon": HORIZON}),
+    "channel+horizon": ("freezeasguard", {"granularity": "channel", "horizon": HORIZON}),
+    "combined": (COMBINED, {}),
+    "combined-channel": (COMBINED, {"granularity": "channel"}),
+}
+BASELINES = ("full", "random", "uce")
+# The issue's targets on the embedded split: mitigation at 200 and 400 steps, legal impact on
+# the style at every budget and on the new class from 100 steps on; other splits' worst case
+# within 10 points.
+TARGETS = {"mitigation": {200: 0.5, 400: 0.4}, "style": 0.05, "new": 0.10, "slack": 0.10}
 
 
-def export_tasks(root: Path) -> dict[str, Path]:
-    """Each task's real training images as a data folder."""
-    return {
-        name: export_digits(root / name, classes, "train", style, overwrite=True).out
-        for name, (classes, style, _) in TASKS.items()
-    }
-
-
-def learned_policy(folders: dict[str, Path], learner: LearnerConfig, workdir: Path) -> Path:
-    """The signed FreezeAsGuard policy for `learner`, learned once and reused by later runs.
-
-    Each policy has its own throwaway publisher key; evaluate verifies against its public half.
-    """
+def learned(split: str, lever: str, learner: LearnerConfig, folders, workdir: Path, horizon: int):
+    """The signed policy (and, for the combined defence, the edited model beside which it
+    lies) of one lever."""
+    method, settings = LEVERS[lever]
+    if "horizon" in settings:
+        settings = settings | {"horizon": horizon}
+    config = dataclasses.replace(learner, **settings)
     identity = hashlib.sha256(
-        json.dumps(dataclasses.asdict(learner), sort_keys=True).encode()
+        json.dumps([split, method, dataclasses.asdict(config)], sort_keys=True).encode()
     ).hexdigest()[:12]
-    policy = workdir / f"policy-p{learner.ratio}-{identity}.json"
+    folder = workdir / f"{split}-{lever}-{identity}"
+    combined = method == COMBINED
+    edited = folder / "edited" if combined else None
+    # The combined defence's policy lies beside its edited model, as a publisher ships it.
+    policy = edited / "guardtune-policy.json" if edited else folder / "policy.json"
     if policy.is_file():
-        return policy
+        return policy, edited
+    if edited is not None and edited.exists():
+        shutil.rmtree(edited)  # written by a run killed before it signed: edit again
     key = generate_key()
-    atomic.write_bytes(policy.with_suffix(".pub"), public_pem(key.public_key()))
-    publish([folders[ILLEGAL]], [folders[LEGAL[0]]], [key], "digits", config=learner, out=policy,
-            workdir=workdir / f"learn-{identity}", resume=True)  # fmt: skip
-    return policy
+    atomic.write_bytes(folder / "publisher.pub", public_pem(key.public_key()))
+    illegal, style, _ = folders
+    publish([illegal], [style], [key], "digits", method=method, config=config,
+            out=None if combined else policy, workdir=folder / "learn", resume=True,
+            show_progress=True, edited_out=edited)  # fmt: skip
+    return policy, edited
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--user-steps", dest="steps", default="100,200,400",
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--levers", default=",".join(LEVERS))
+    parser.add_argument("--user-steps", dest="steps", default="50,100,200,400,800",
                         help="User fine-tune checkpoints (evaluate's --user-steps).")  # fmt: skip
     parser.add_argument("--samples", type=int, default=128, help="Per task and checkpoint.")
-    parser.add_argument("--ratios", default="0.3,0.5", help="Shares p the policies freeze.")
+    parser.add_argument("--ratio", type=float, default=0.3, help="The share p policies freeze.")
     parser.add_argument("--seeds", type=int, default=3, help="User fine-tunes (and random masks).")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/benchmarks/protection"),
-                        help="Data, policies and journal; a rerun resumes here.")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="A tiny learner, to test the script.")
+                        help="Data, policies and journals; a rerun resumes here.")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="Tiny settings, to test the script.")
     args = parser.parse_args()
-    learner = LearnerConfig()
+    splits = [s for s in args.splits.split(",") if s]
+    levers = [x for x in args.levers.split(",") if x]
+    unknown = sorted(set(splits) - set(SPLITS)) + sorted(set(levers) - set(LEVERS))
+    if unknown:
+        parser.error(f"unknown split or lever {unknown[0]!r}")
+    learner = LearnerConfig(ratio=args.ratio)
+    steps = tuple(int(s) for s in args.steps.split(","))
     if args.quick:
-        learner = LearnerConfig(relearn_steps=2, rounds=2, user_steps=1, batch_size=2)
-    config = EvaluateConfig(methods=METHODS, steps=tuple(int(s) for s in args.steps.split(",")),
-                            seeds=args.seeds, samples=args.samples, scorer="digits")  # fmt: skip
+        learner = LearnerConfig(ratio=args.ratio, relearn_steps=2, rounds=4, user_steps=1,
+                                user_reset_every=2, batch_size=2)  # fmt: skip
+        steps, args.seeds, args.samples = (2, 4), 1, 2
     console = Console()
     started = time.perf_counter()
-    folders = export_tasks(args.work_dir / "data")
-    results: dict[float, EvaluationResult] = {}
-    for ratio in (float(r) for r in args.ratios.split(",")):
-        policy = learned_policy(
-            folders, dataclasses.replace(learner, ratio=ratio), args.work_dir / "policies"
-        )
-        results[ratio] = evaluate([folders[ILLEGAL]], [folders[t] for t in LEGAL],
-                                  policy=policy, trusted=(policy.with_suffix(".pub"),),
-                                  config=config, workdir=args.work_dir / "evaluate")  # fmt: skip
-        console.print(f"p={ratio}: {results[ratio].reused} runs taken from the journal")
-    console.print(scores(results))
-    console.print(summary(results))
-    record = {
-        str(p): {
-            "frozen_share": r.frozen_share,
-            "summary": [dataclasses.asdict(x) for x in r.summary],
-        }
-        for p, r in results.items()
-    }
+    record: dict[str, dict] = {}
+    for split in splits:
+        tasks = SPLITS[split].tasks()
+        root = args.work_dir / split
+        folders = [export_digits(root / "data" / name, classes, "train", style,
+                                 overwrite=True).out
+                   for name, (classes, style) in tasks.items()]  # fmt: skip
+        results: dict[str, EvaluationResult] = {}
+        for lever in levers:
+            policy, edited = learned(split, lever, learner, folders, root / "policies",
+                                     4 if args.quick else HORIZON)  # fmt: skip
+            method = COMBINED if edited is not None else "freezeasguard"
+            config = EvaluateConfig(methods=(*BASELINES, method), ratio=args.ratio, steps=steps,
+                                    seeds=args.seeds, samples=args.samples,
+                                    scorer="digits")  # fmt: skip
+            trusted = ((edited.parent if edited else policy.parent) / "publisher.pub",)
+            results[lever] = evaluate(
+                [folders[0]], folders[1:], "digits", policy=None if edited else policy,
+                trusted=trusted, config=config, workdir=root / "evaluate", combined=edited,
+            )  # fmt: skip
+            console.print(f"{split} / {lever}: {results[lever].reused} runs from the journal")
+        curves = split_curves(results, list(tasks))
+        record[split] = curves
+        console.print(split_table(split, curves))
+    if len(record) > 1:
+        console.print(over_splits(record))
+    if "embedded" in record:
+        console.print(targets(record))
     atomic.write_json(args.work_dir / "summary.json", record)
     console.print(f"{time.perf_counter() - started:.0f} s; summary in {args.work_dir}/summary.json")
 
 
-def scores(results: dict[float, EvaluationResult]) -> Table:
-    """Every method's mean score per task and checkpoint; full fine-tuning is the same for all p."""
+def split_curves(results: dict[str, EvaluationResult], tasks: list[str]) -> dict:
+    """Per method (the baselines once, then each lever): at each step, mitigation and the two
+    legal impacts with their seed spreads (in the scores' units), the policy's frozen share,
+    and where mitigation crosses 20%."""
+    illegal, style, new = tasks
+    curves: dict[str, dict] = {}
     first = next(iter(results.values()))
-    table = Table(title="Scores after the user's fine-tune (illegal 7+9: recognisability; legal: "
-                  "quality; higher = adaptation learned), mean over seeds")  # fmt: skip
-    table.add_column("method")
-    table.add_column("frozen", justify="right")
-    for task in TASKS.values():
-        for step in first.steps:
-            table.add_column(f"{task[2]} @{step}", justify="right")
-    rows = [("full", "full", first)]
-    rows += [(f"{m} p={p}", m, r) for p, r in results.items() for m in METHODS[1:]]
-    for label, method, result in rows:
-        means = {(r.task, r.step): r.mean for r in result.summary if r.method == method}
-        cells = [f"{means[t, s]:.2f}" for t in TASKS for s in result.steps]
-        table.add_row(label, f"{result.frozen_share[method]:.3f}", *cells)
+    methods = [(m, m, first) for m in BASELINES]
+    methods += [(lever, _policy_method(r), r) for lever, r in results.items()]
+    for label, method, result in methods:
+        rows = {(r.task, r.step): r for r in result.summary if r.method == method}
+        steps = list(result.steps)
+        mitigation = [rows[illegal, s].versus_full for s in steps]
+        curves[label] = {
+            "frozen_share": result.frozen_share[method],
+            "steps": steps,
+            "mitigation": mitigation,
+            "mitigation_spread": [rows[illegal, s].spread for s in steps],
+            "style_impact": [rows[style, s].versus_full for s in steps],
+            "style_spread": [rows[style, s].spread for s in steps],
+            "new_impact": [rows[new, s].versus_full for s in steps],
+            "new_spread": [rows[new, s].spread for s in steps],
+            "illegal_mean": [rows[illegal, s].mean for s in steps],
+            "crosses_20": crossing(steps, mitigation) if method != "full" else None,
+        }
+    return curves
+
+
+def _policy_method(result: EvaluationResult) -> str:
+    return COMBINED if COMBINED in result.frozen_share else "freezeasguard"
+
+
+def split_table(split: str, curves: dict) -> Table:
+    steps = next(iter(curves.values()))["steps"]
+    title = f"{split}: mitigation / impact on the style / impact on the new class"
+    table = Table(title=f"{title} (mean; illegal score's seed spread in brackets)",
+                  title_justify="left")  # fmt: skip
+    for column in ("method", "frozen", "crosses 20%"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for step in steps:
+        table.add_column(f"@{step}", justify="right")
+    for method, curve in curves.items():
+        if method == "full":
+            continue
+        cross = curve["crosses_20"]
+        cells = [method, f"{curve['frozen_share']:.1%}", "-" if cross is None else f"{cross:.0f}"]
+        for i in range(len(steps)):
+            mitigation = f"{curve['mitigation'][i]:+.0%} [{curve['mitigation_spread'][i]:.2f}]"
+            legal = f"{curve['style_impact'][i]:+.0%} / {curve['new_impact'][i]:+.0%}"
+            cells.append(f"{mitigation} / {legal}")
+        table.add_row(*cells)
     return table
 
 
-def summary(results: dict[float, EvaluationResult]) -> Table:
-    """The learned policy vs random-p at each p: margin, mitigation and legal impact."""
-    table = Table(title="Illegal 7+9 under FreezeAsGuard vs random-p (lower is better; spreads "
-                  "over seeds), and the policy's mitigation and legal impact")  # fmt: skip
-    columns = ["p", "step", "learned", "spread", "random", "spread", "margin", "mitigation"]
-    columns += [f"impact {TASKS[t][2]}" for t in LEGAL]
-    for column in columns:
-        table.add_column(column, justify="right")
-    for ratio, result in results.items():
-        rows = {(r.method, r.task, r.step): r for r in result.summary}
-        for step in result.steps:
-            learned = rows["freezeasguard", ILLEGAL, step]
-            random = rows["random", ILLEGAL, step]
-            impacts = [rows["freezeasguard", t, step].versus_full for t in LEGAL]
-            table.add_row(
-                f"{ratio}", str(step), f"{learned.mean:.3f}", f"{learned.spread:.3f}",
-                f"{random.mean:.3f}", f"{random.spread:.3f}", f"{random.mean - learned.mean:+.3f}",
-                f"{learned.versus_full:.0%}", *[f"{i:+.0%}" for i in impacts],
-            )  # fmt: skip
+def over_splits(record: dict) -> Table:
+    """Each method's mean and worst case over the splits, step by step."""
+    methods = list(dict.fromkeys(m for curves in record.values() for m in curves if m != "full"))
+    steps = next(iter(next(iter(record.values())).values()))["steps"]
+    table = Table(title=f"Over {len(record)} splits: mitigation mean (worst) / style impact mean "
+                  "(worst) / new-class impact mean (worst)", title_justify="left")  # fmt: skip
+    table.add_column("method")
+    for step in steps:
+        table.add_column(f"@{step}", justify="right")
+    for method in methods:
+        present = [c[method] for c in record.values() if method in c]
+        cells = [f"{method} ({len(present)})"]
+        for i in range(len(steps)):
+            mitigation = [c["mitigation"][i] for c in present]
+            style = [c["style_impact"][i] for c in present]
+            new = [c["new_impact"][i] for c in present]
+            cells.append(f"{np.mean(mitigation):+.0%} ({min(mitigation):+.0%}) / "
+                         f"{np.mean(style):+.0%} ({max(style):+.0%}) / "
+                         f"{np.mean(new):+.0%} ({max(new):+.0%})")  # fmt: skip
+        table.add_row(*cells)
+    return table
+
+
+def targets(record: dict) -> Table:
+    """The issue's targets, lever by lever: met or missed, and by how much."""
+    embedded = record["embedded"]
+    steps = next(iter(embedded.values()))["steps"]
+    table = Table(title="Targets on the embedded split (missed by: points)", title_justify="left")
+    for column in ("lever", "mitig.@200>=50%", "mitig.@400>=40%", "bold<=5%", "new 8<=10%",
+                   "ahead of tensor, UCE, random", "other splits worst"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "lever" else "right")
+
+    def verdict(value: float, bound: float, above: bool) -> str:
+        gap = (bound - value) if above else (value - bound)
+        return "met" if gap <= 0 else f"missed by {100 * gap:.0f}"
+
+    for lever in (m for m in embedded if m not in BASELINES):
+        curve = embedded[lever]
+        at = {s: i for i, s in enumerate(steps)}
+        cells = [lever]
+        for step, bound in TARGETS["mitigation"].items():
+            cells.append(verdict(curve["mitigation"][at[step]], bound, True)
+                         if step in at else "n/a")  # fmt: skip
+        cells.append(verdict(max(curve["style_impact"]), TARGETS["style"], False))
+        later = [v for s, v in zip(steps, curve["new_impact"], strict=True) if s >= 100]
+        cells.append(verdict(max(later), TARGETS["new"], False) if later else "n/a")
+        ahead = []
+        for rival in ("tensor", "uce", "random"):
+            if rival == lever or rival not in embedded:
+                continue
+            other = embedded[rival]
+            # Ahead beyond the seed spread at every step: mitigation higher by more than the
+            # larger of the two illegal-score spreads, in the scores' units.
+            margins = [other["illegal_mean"][i] - curve["illegal_mean"][i]
+                       - max(curve["mitigation_spread"][i], other["mitigation_spread"][i])
+                       for i in range(len(steps))]  # fmt: skip
+            ahead.append(f"{rival}: {'yes' if min(margins) > 0 else 'no'}")
+        cells.append(", ".join(ahead))
+        worst = [c[lever] for split, c in record.items() if split != "embedded" and lever in c]
+        if worst:
+            gaps = []
+            for c in worst:
+                for step, bound in TARGETS["mitigation"].items():
+                    if step in at:
+                        gaps.append(bound - TARGETS["slack"] - c["mitigation"][at[step]])
+                gaps.append(max(c["style_impact"]) - TARGETS["style"] - TARGETS["slack"])
+            cells.append("met" if max(gaps) <= 0 else f"missed by {100 * max(gaps):.0f}")
+        else:
+            cells.append("n/a")
+        table.add_row(*cells)
     return table
 
 

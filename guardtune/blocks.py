@@ -49,9 +49,14 @@ class BlockShare:
 
 
 def shares_by_block(
-    numel: dict[str, int], frozen: set[str], by_part: bool = False
+    numel: dict[str, int],
+    frozen: set[str],
+    by_part: bool = False,
+    parts: dict[str, float] | None = None,
 ) -> list[BlockShare]:
-    """Frozen tensors and parameters per block (or per block/part), in U order."""
+    """Frozen tensors and parameters per block (or per block/part), in U order; `parts` are
+    tensors frozen in part, with the share of their rows that is (their parameters count)."""
+    parts = parts or {}
     groups: dict[str, list[int]] = {}
     for name, count in numel.items():
         block, part = block_of(name)
@@ -62,11 +67,19 @@ def shares_by_block(
         if name in frozen:
             stats[0] += 1
             stats[2] += count
+        elif name in parts:
+            stats[2] += round(count * parts[name])
     ordered = sorted(groups, key=lambda k: (_block_rank(k.split("/")[0]), k))
     return [BlockShare(k, *groups[k]) for k in ordered]
 
 
-def plot_heatmap(numel: dict[str, int], frozen: set[str], out: Path, title: str) -> Path:
+def plot_heatmap(
+    numel: dict[str, int],
+    frozen: set[str],
+    out: Path,
+    title: str,
+    partial: dict[str, float] | None = None,
+) -> Path:
     """A block x part heatmap of the frozen parameter share, annotated, written as PNG."""
     import io
 
@@ -78,7 +91,7 @@ def plot_heatmap(numel: dict[str, int], frozen: set[str], out: Path, title: str)
 
     from guardtune import atomic
 
-    cells = {s.block: s for s in shares_by_block(numel, frozen, by_part=True)}
+    cells = {s.block: s for s in shares_by_block(numel, frozen, True, partial)}
     blocks = [s.block for s in shares_by_block(numel, frozen)]
     parts = [p for p in PARTS if any(k.endswith(f"/{p}") for k in cells)]
     grid = np.full((len(parts), len(blocks)), np.nan)

@@ -453,9 +453,13 @@ def publish(
     model_config: ModelConfigOption = None,
     revision: RevisionOption = None,
     variant: VariantOption = None,
-    method: Annotated[str, typer.Option(help="freezeasguard or random (random-p).")] = (
-        "freezeasguard"
-    ),
+    method: Annotated[
+        str,
+        typer.Option(
+            help="freezeasguard, random (random-p), or freezeasguard+uce (edit with UCE first, "
+            "then learn the mask on the edited model; needs --edited-model-out)."
+        ),
+    ] = "freezeasguard",
     share_by: Annotated[str, typer.Option(help="Count p in parameters or tensors.")] = (
         "parameters"
     ),
@@ -467,9 +471,20 @@ def publish(
         int, typer.Option(min=1, help="Mask updates between restarts of the simulated user.")
     ] = 50,
     mask_lr: Annotated[float, typer.Option(help="Mask step size.")] = 0.05,
+    granularity: Annotated[
+        str, typer.Option(help="Mask units: tensor (whole tensors) or channel (output rows).")
+    ] = "tensor",
+    horizon: Annotated[
+        int | None,
+        typer.Option(min=1, help="User steps the policy must hold against (default: as trained)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per half-batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the learner's batches, noise and init.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Policy file (default: in the model).")] = None,
+    edited_model_out: Annotated[
+        Path | None,
+        typer.Option(help="freezeasguard+uce: the edited model folder to write (and ship)."),
+    ] = None,
     work_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints (default: runs/publish/<model>).")
     ] = None,
@@ -490,7 +505,8 @@ def publish(
     config = LearnerConfig(
         ratio=ratio, share_by=share_by, relearn_steps=relearn_steps, rounds=steps,
         user_steps=user_steps_per_update, user_lr=user_lr, user_reset_every=user_reset_every,
-        mask_lr=mask_lr, batch_size=batch_size, seed=seed,
+        mask_lr=mask_lr, granularity=granularity, horizon=horizon, batch_size=batch_size,
+        seed=seed,
     )  # fmt: skip
 
     def action() -> PublishResult | None:
@@ -499,7 +515,7 @@ def publish(
         return run_publish(
             illegal, legal, keys, model=_source(model, model_config, revision, variant),
             method=method, config=config, out=out, workdir=work_dir, resume=resume,
-            settings=_settings(ctx),
+            settings=_settings(ctx), edited_out=edited_model_out,
         )  # fmt: skip
 
     main = is_main_process()
@@ -789,8 +805,18 @@ def evaluate(
     policy: PolicyOption = None,
     trusted: TrustedOption = None,
     methods: Annotated[
-        str, typer.Option(help="Comma list of full,random,blocks,freezeasguard,imma,uce,persguard.")
+        str,
+        typer.Option(
+            help="Comma list of full,random,blocks,freezeasguard,imma,uce,persguard and "
+            "freezeasguard+uce (with --combined-model)."
+        ),
     ] = "full,random,blocks,freezeasguard,imma,uce,persguard",
+    combined_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="freezeasguard+uce: the edited model folder publish wrote (policy beside)."
+        ),
+    ] = None,
     ratio: Annotated[
         float | None, typer.Option(help="Frozen-parameter share of random/blocks (the policy's).")
     ] = None,
@@ -843,7 +869,8 @@ def evaluate(
     run_command(
         lambda: run_evaluate(illegal, legal, model=_source(model, model_config, revision, variant),
                              policy=policy, trusted=tuple(trusted or ()), config=config,
-                             plot=plot, workdir=work_dir, settings=_settings(ctx)),
+                             plot=plot, workdir=work_dir, settings=_settings(ctx),
+                             combined=combined_model),
         json_path, render_evaluate,
     )  # fmt: skip
 

@@ -1,8 +1,14 @@
 """The publisher's recipe (`guardtune publish`): learn which tensors to freeze, sign the policy.
 
-load model -> encode illegal and legal data once -> learn the mask (FreezeAsGuard or random-p)
--> bind the frozen list to the model's fingerprint -> sign with the publisher's key(s) -> write
-the policy (beside model_index.json by default), a JSON log and a learning-curve PNG.
+load model -> (freezeasguard+uce: edit the model with UCE on the illegal prompts, write the
+edited copy, continue on it) -> encode illegal and legal data once -> learn the mask
+(FreezeAsGuard or random-p) -> bind the frozen list to the model's fingerprint -> sign with the
+publisher's key(s) -> write the policy (beside model_index.json by default), a JSON log and a
+learning-curve PNG.
+
+The combined defence edits first and learns second, so that the tensors frozen are the ones a
+user would need to undo the edit, and its policy binds the edited weights: the publisher ships
+the edited folder (`edited_out`) with the policy beside it.
 
 Learning checkpoints into a work folder (`runs/publish/<model>` by default) and continues there
 with `resume`. Under `accelerate launch` every process learns with its own batches and the
@@ -17,6 +23,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,9 +32,10 @@ from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.distributed import is_main_process
 from guardtune.errors import DataError
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
-from guardtune.learn.freezeasguard import LearnerConfig, RoundLog, learn_mask
+from guardtune.learn.freezeasguard import GRANULARITIES, LearnerConfig, RoundLog, learn_mask
 from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
+from guardtune.rowranges import Ranges
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
 from guardtune.training.rundir import RUN_CONFIG
@@ -37,7 +45,8 @@ from guardtune.trust.policy import Provenance
 from guardtune.trust.signing import PrivateKey
 from guardtune.trust.verify import policy_output_path
 
-METHODS = ("freezeasguard", "random")
+COMBINED = "freezeasguard+uce"
+METHODS = ("freezeasguard", "random", COMBINED)
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class PublishResult:
     log: Path
     curve: Path | None
     seconds: float
+    tensors_in_part: int = 0  # tensors of which a channel mask freezes some rows
 
 
 def _merge(scans: list[FolderScan]) -> FolderScan:
@@ -80,6 +90,33 @@ def _plot_curve(history: list[RoundLog], out: Path) -> None:
     atomic.write_bytes(out, buffer.getvalue())
 
 
+def _edit_first(
+    pipeline, base: ModelSource, illegal: FolderScan, legal: FolderScan, out: Path, accelerator
+) -> tuple[ModelSource, dict[str, Any]]:
+    """UCE on the illegal captions (the legal ones preserved), written as a model folder.
+
+    Returns the edited model and what the policy's provenance records of the edit: the base it
+    was made from (its fingerprint roots), the prompts and the edit's strength.
+    """
+    from guardtune.edited import write_edited
+    from guardtune.evaluate.uce import UCE_LAMBDA, uce_edit
+
+    erase = sorted({e.caption for e in illegal.examples})
+    preserve = tuple(sorted({e.caption for e in legal.examples} - set(erase)))
+    weights = uce_edit(pipeline, erase, "", preserve, UCE_LAMBDA)
+    edited = base
+    if is_main_process():
+        edited = write_edited(base, weights, out)
+    accelerator.wait_for_everyone()  # the other ranks load what the main process wrote
+    if not is_main_process():
+        edited = resolve_model(str(out))
+    roots = {name: fp.root for name, fp in fingerprint_model(base).items()}
+    record = {"base": base.label, "base_fingerprint": roots, "erase": erase,
+              "preserve": list(preserve), "guide": "", "lambda": UCE_LAMBDA,
+              "edited": sorted(weights)}  # fmt: skip
+    return edited, record
+
+
 def publish(
     illegal: list[Path],
     legal: list[Path],
@@ -94,6 +131,7 @@ def publish(
     workdir: Path | None = None,
     resume: bool = False,
     settings: str | None = None,
+    edited_out: Path | None = None,
 ) -> PublishResult | None:
     """Learn (or draw) the mask and write the signed policy; None on non-main processes.
 
@@ -106,10 +144,19 @@ def publish(
         raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if config.share_by not in SHARE_BY or not 0 < config.ratio < 1:
         raise DataError("--ratio must be in (0, 1) and --share-by parameters or tensors")
+    if config.granularity not in GRANULARITIES:
+        raise DataError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
+    if method == "random" and config.granularity != "tensor":
+        raise DataError("random-p draws whole tensors; --granularity channel needs freezeasguard")
     if not illegal or not legal:
         raise DataError("publish needs at least one --illegal and one --legal data folder")
     source = resolve_model(model, model_config)
-    target = policy_output_path(source, out)
+    if method == COMBINED and edited_out is None:
+        raise DataError(f"{COMBINED} writes an edited model", hint="pass --edited-model-out")
+    if method != COMBINED and edited_out is not None:
+        raise DataError(f"--edited-model-out is for --method {COMBINED}")
+    if method != COMBINED:
+        target = policy_output_path(source, out)
     illegal_scan = _merge([scan_folder(p, caption_column) for p in illegal])
     legal_scan = _merge([scan_folder(p, caption_column) for p in legal])
     if config.relearn_steps < 1 or config.rounds < 1 or config.user_steps < 1:
@@ -122,10 +169,21 @@ def publish(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(config.seed)
     pipeline = load_pipeline(source, device=accelerator.device, dtype=torch.float32)
+    edit: dict[str, Any] = {}
+    if method == COMBINED:
+        assert edited_out is not None
+        base = source
+        source, edit = _edit_first(
+            pipeline, base, illegal_scan, legal_scan, edited_out, accelerator
+        )
+        target = policy_output_path(source, out)
+        # Learn on the edited weights exactly as stored (the edit is rounded to their dtype).
+        pipeline = load_pipeline(source, device=accelerator.device, dtype=torch.float32)
     unet = pipeline.unet
     names = [n for n, _ in unet.named_parameters()]
     numel = {n: p.numel() for n, p in unet.named_parameters()}
     history: list[RoundLog] = []
+    rows: dict[str, Ranges] = {}
     workdir = workdir or Path("runs") / "publish" / (source.path.stem or "model")
     run_config = workdir / RUN_CONFIG
 
@@ -165,18 +223,22 @@ def publish(
         with track("learn mask", total, accelerator.device, enabled=enabled) as report:
             learned = learn_mask(unet, scheduler, illegal_data, legal_data, config, report,
                                  workdir, resume, data_key)  # fmt: skip
-        frozen, history = learned.frozen, learned.history
+        frozen, rows, history = learned.frozen, learned.rows, learned.history
         if resume:  # only now: a resume that its checkpoint refused must not replace the file
             keep_settings()
     if not is_main_process():
         return None  # the main process signs and writes
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items()}
+    if edit:
+        hyperparameters["uce"] = edit
     datasets = {"illegal": data_digest(illegal_scan), "legal": data_digest(legal_scan)}
     provenance = Provenance(method, hyperparameters, datasets)
-    signed = sign_policy(source, [f"unet.{n}" for n in frozen], provenance, keys, target)
+    signed = sign_policy(source, [f"unet.{n}" for n in frozen], provenance, keys, target,
+                         frozen_rows={f"unet.{n}": r for n, r in rows.items()})  # fmt: skip
     log = target.with_name(target.stem + ".log.json")
     atomic.write_json(log, {"policy_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
                             "method": method, "config": hyperparameters, "frozen": frozen,
+                            "frozen_rows": {n: [list(p) for p in r] for n, r in rows.items()},
                             "history": [dataclasses.asdict(h) for h in history]})  # fmt: skip
     if workdir is not None:
         (workdir / "relearned.safetensors").unlink(missing_ok=True)  # two model copies of disk
@@ -188,5 +250,5 @@ def publish(
         policy=signed.policy, method=method, frozen_tensors=signed.frozen_tensors,
         frozen_share_parameters=signed.frozen_share_parameters,
         frozen_share_tensors=signed.frozen_share_tensors, signers=signed.signers, log=log,
-        curve=curve, seconds=time.perf_counter() - start,
+        curve=curve, seconds=time.perf_counter() - start, tensors_in_part=signed.tensors_in_part,
     )  # fmt: skip

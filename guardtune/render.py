@@ -97,6 +97,7 @@ def render_keygen(result: KeygenResult) -> None:
 
 def render_policy_sign(result: SignedPolicy) -> None:
     rows = [("policy", str(result.policy)), ("frozen tensors", str(result.frozen_tensors))]
+    rows += _in_part(result.tensors_in_part)
     rows += [("frozen parameters", f"{result.frozen_share_parameters:.1%}")]
     rows += [("frozen tensors share", f"{result.frozen_share_tensors:.1%}")]
     rows += [("signed by", _signers(result.signers))]
@@ -107,10 +108,16 @@ def render_policy_verify(summary: VerificationSummary) -> None:
     rows = [("policy", str(summary.policy)), ("model", summary.model)]
     rows += [("signed by", f"{summary.signer_keyid[:16]} ({summary.signer_key_file})")]
     rows += [("frozen tensors", str(summary.frozen_tensors))]
+    rows += _in_part(summary.tensors_in_part)
     rows += [("frozen parameters", f"{summary.frozen_share_parameters:.1%}")]
     rows += [("expires", summary.expires_at or "never")]
     rows += [("configs", _bound_configs(summary.schema_version, summary.bound_configs))]
     console.print(_table("[green]Policy verified[/]", rows))
+
+
+def _in_part(tensors: int) -> list[tuple[str, str]]:
+    """A row for a schema 3 policy's tensors frozen in part (none for per-tensor policies)."""
+    return [("frozen in part", f"{tensors} tensors (some output channels)")] if tensors else []
 
 
 def _bound_configs(schema_version: int, bound: int | None) -> str:
@@ -142,6 +149,7 @@ def render_policy_show(report: PolicyReport) -> None:
 def render_publish(result: PublishResult) -> None:
     rows = [("policy", str(result.policy)), ("method", result.method)]
     rows += [("frozen tensors", str(result.frozen_tensors))]
+    rows += _in_part(result.tensors_in_part)
     rows += [("frozen parameters", f"{result.frozen_share_parameters:.1%}")]
     rows += [("signed by", _signers(result.signers))]
     rows += [("log", str(result.log)), ("curve", str(result.curve or "-"))]
@@ -290,6 +298,15 @@ def render_evaluate(result: EvaluationResult) -> None:
                 cells.append(_spread(row.mean, row.spread))
         curve.add_row(*cells)
     console.print(curve)
+    for method, tasks in result.crossings.items():
+        held = ", ".join(
+            f"{task} at ~{step:.0f} steps"
+            if step is not None
+            else f"{task}: holds past {max(result.steps)}"
+            for task, step in tasks.items()
+        )
+        level = f"{result.crossing_level:.0%}"
+        console.print(f"{method}: mitigation falls below {level} for {held}")
     plotted = f"plot: {result.plot}   " if result.plot else ""
     reused = f" ({result.reused} runs from it)" if result.reused else ""
     console.print(f"{plotted}journal: {result.journal}{reused}   {result.seconds:.0f} s")

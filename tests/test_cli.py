@@ -170,7 +170,8 @@ def test_publish_defaults_are_the_recipes_and_the_learners_defaults():
     expected |= {name: getattr(config, name) for name in ("relearn_steps", "batch_size")}
     expected |= {name: getattr(config, name) for name in ("user_lr", "user_reset_every")}
     expected |= {"steps": config.rounds, "user_steps_per_update": config.user_steps}
-    expected |= {"mask_lr": config.mask_lr}
+    expected |= {"mask_lr": config.mask_lr, "granularity": config.granularity}
+    expected |= {"horizon": config.horizon, "edited_model_out": library["edited_out"]}
     _assert_defaults(cli.publish, expected, cli_only={"config_file"})  # --config FILE
 
 
@@ -217,6 +218,7 @@ def test_evaluate_defaults_are_the_evaluations_and_its_configs_defaults():
     defenses = (config.attack, config.imma, config.persguard)
     assert defenses == (AttackConfig(), ImmaConfig(), PersGuardConfig())
     expected = {name: library[name] for name in ("model", "model_config", "policy", "trusted")}
+    expected |= {"combined_model": library["combined"]}
     expected |= {name: getattr(config, name) for name in ("methods", "ratio", "steps", "seeds")}
     expected |= {"samples": config.samples, "scorer": config.scorer}
     expected |= {"lr": config.attack.lr, "batch_size": config.attack.batch_size}

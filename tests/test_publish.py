@@ -142,3 +142,75 @@ def test_two_processes_learn_one_mask_and_one_policy(folders, tmp_path):
     assert len(log["history"]) == 3 and log["frozen"]
     verify = ["policy", "verify", "--model", str(model), "--trusted", str(tmp_path / "k.pub")]
     assert runner.invoke(app, verify).exit_code == 0
+
+
+def test_the_combined_defence_ships_an_edited_model_that_evaluate_compares(
+    runner, folders, tmp_path
+):
+    from guardtune.errors import DataError, ModelMismatchError
+    from guardtune.evaluate.run import EvaluateConfig, evaluate
+    from guardtune.resolve import ModelSource, resolve_model
+    from guardtune.trust.verify import verify_policy
+
+    model = copy_model(tmp_path)
+    key = generate_key()
+    pub = tmp_path / "publisher.pub"
+    pub.write_bytes(public_pem(key.public_key()))
+    edited = tmp_path / "edited"
+    config = LearnerConfig(ratio=0.3, relearn_steps=2, rounds=2, user_steps=1, batch_size=2)
+    with pytest.raises(DataError, match="writes an edited model"):
+        publish([folders[0]], [folders[1]], [key], str(model), method="freezeasguard+uce",
+                config=config, show_progress=False)  # fmt: skip
+    result = publish([folders[0]], [folders[1]], [key], str(model), method="freezeasguard+uce",
+                     config=config, show_progress=False, edited_out=edited)  # fmt: skip
+    assert result.policy == edited / "guardtune-policy.json"
+    # The edit is UCE's: cross-attention keys and values, nothing else; other parts byte-equal.
+    base = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    new = load_file(str(edited / "unet" / "diffusion_pytorch_model.safetensors"))
+    changed = {n for n in base if not torch.equal(base[n], new[n])}
+    assert changed and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
+    assert all(new[n].dtype == base[n].dtype for n in base)
+    for part in ("vae", "text_encoder"):
+        (file,) = (model / part).glob("*.safetensors")
+        assert (edited / part / file.name).read_bytes() == file.read_bytes()
+    # Its policy binds the edited weights: it verifies there and not on the base.
+    verified = verify_policy(resolve_model(str(edited)), None, (pub,), False)
+    uce = verified.policy.provenance.hyperparameters["uce"]
+    assert verified.policy.provenance.method == "freezeasguard+uce"
+    assert uce["erase"] == ["a handwritten digit seven"] and uce["base"] == str(model)
+    with pytest.raises(ModelMismatchError):
+        verify_policy(ModelSource("folder", model), result.policy, (pub,), False)
+    # evaluate starts the user from the edited weights, with the policy's tensors frozen.
+    tiny = EvaluateConfig(methods=("full", "freezeasguard+uce"), steps=(1,), seeds=1,
+                          samples=1, scorer="loss")  # fmt: skip
+    evaluation = evaluate([folders[0]], [folders[1]], str(model), trusted=(pub,), config=tiny,
+                          show_progress=False, workdir=tmp_path / "work",
+                          combined=edited)  # fmt: skip
+    assert evaluation.frozen_share["freezeasguard+uce"] == pytest.approx(
+        result.frozen_share_parameters, abs=1e-6
+    )
+    with pytest.raises(DataError, match=r"freezeasguard\+uce needs the edited model"):
+        evaluate([folders[0]], [folders[1]], str(model), trusted=(pub,), config=tiny,
+                 show_progress=False, workdir=tmp_path / "work")  # fmt: skip
+
+
+def test_a_channel_mask_with_a_horizon_signs_a_rows_policy_that_verifies(runner, folders, tmp_path):
+    from guardtune.resolve import ModelSource
+    from guardtune.trust.verify import verify_policy
+
+    model = copy_model(tmp_path)
+    assert runner.invoke(app, ["keygen", "--out", str(tmp_path / "k")]).exit_code == 0
+    args = _tiny_publish_args(folders, tmp_path / "k.key", model)
+    args += ["--granularity", "channel", "--horizon", "4", "--json", str(tmp_path / "r.json")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, combined_output(result)
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["tensors_in_part"] > 0 and 0.3 <= record["frozen_share_parameters"] < 0.31
+    policy = verify_policy(ModelSource("folder", model), None, (tmp_path / "k.pub",), False).policy
+    assert policy.schema_version == 3 and len(policy.frozen_rows) == record["tensors_in_part"]
+    assert policy.provenance.hyperparameters["granularity"] == "channel"
+    assert policy.provenance.hyperparameters["horizon"] == 4
+    log = json.loads(Path(record["log"]).read_text())
+    assert {f"unet.{n}" for n in log["frozen_rows"]} == set(policy.frozen_rows)
+    refused = runner.invoke(app, [*args[:-2], "--method", "random"])
+    assert refused.exit_code == 3 and "needs freezeasguard" in combined_output(refused)

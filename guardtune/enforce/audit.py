@@ -10,10 +10,14 @@ then reads the derivative without trusting it:
   Other dtype: the base tensor cast to the derivative's dtype must match byte for byte; a cast
   that keeps every value (fp16 weights stored as fp32) is `lossless`, a rounding one is `cast`,
   which `--strict` refuses. Changed, missing and renamed tensors are listed with how much
-  they moved.
+  they moved. A tensor frozen in part (a schema 3 policy's rows) is judged by its frozen rows
+  alone, by their sha256-rows-v1 digest and, where that differs, value by value.
 - LoRA files (diffusers/peft or kohya naming): every adapter key is mapped to the UNet module it
   adapts; adapting a frozen weight is a violation, and so is a key that cannot be mapped (the
-  audit cannot prove it misses the frozen tensors, so it fails closed).
+  audit cannot prove it misses the frozen tensors, so it fails closed). On a tensor frozen in
+  part, an adapter may only have an update that is zero on the frozen rows: its up tensor
+  (lora_B / lora_up, whose rows are the output channels) and any full difference must be zero
+  there; an adapter that reaches every row at once (DoRA, LoHa, LoKr) is a violation.
 - provenance (`guardtune-provenance.json` or the safetensors metadata `finetune` writes): if
   present it must name this base, this policy, its signer and the policy's frozen digests.
 
@@ -55,7 +59,8 @@ from guardtune.tensorfile import (
     read_header_and_metadata,
     renamed,
 )
-from guardtune.trust.fingerprint import hash_records, model_tensors
+from guardtune.trust.fingerprint import hash_records, model_tensors, record_rows_digest
+from guardtune.trust.policy import FrozenRows
 from guardtune.trust.verify import VerifiedPolicy, verify_policy
 
 # A bare UNet state dict (no component prefix) starts with one of these.
@@ -164,6 +169,8 @@ def audit(
             for problem in check.problems
         ]
     counts["violations"] = len(violations)
+    if verified.policy.frozen_rows:
+        counts["tensors frozen in part"] = len(verified.policy.frozen_rows)
     provenance = _combined(checks)
     kinds = "+".join(sorted({f.kind for f in artefacts})) or "none"
     naming = "+".join(sorted({f.naming for f in artefacts})) or "none"
@@ -327,6 +334,7 @@ def _audit_full(
     verified: VerifiedPolicy,
     base_records: dict[str, TensorRecord],
     strict: bool,
+    carried: bool = False,
 ) -> tuple[Counter[str], list[Finding]]:
     derivative = _policy_names(found, base_records)
     expected = verified.policy.model["unet"].tensors
@@ -361,7 +369,42 @@ def _audit_full(
     unexpected = [r for n, r in derivative.items() if n not in base_records]
     for name in missing:
         violations.append(_missing(name, base_records[name], unexpected))
+    for name, rows in sorted(verified.policy.frozen_rows.items()):
+        record = derivative.get(name)
+        if record is None:
+            if not carried:  # whole tensors beside a LoRA's adapters need not be all there
+                violations.append(_missing(name, base_records[name], unexpected))
+            continue
+        key = record.name if record.name != name else None
+        outcome, detail = _compare_rows(name, base_records[name], record, rows)
+        if outcome == "changed" or (outcome == "cast" and strict):
+            if outcome == "cast":
+                detail += " (--strict requires the base's exact values)"
+            violations.append(Finding(name, outcome, f"frozen rows: {detail}", key))
+        else:
+            counts[f"{outcome} (frozen rows)"] += 1
     return counts, violations
+
+
+def _compare_rows(
+    name: str, base: TensorRecord, derivative: TensorRecord, rows: FrozenRows
+) -> tuple[str, str]:
+    """identical | lossless | cast | changed for the frozen rows of one tensor."""
+    if derivative.shape != base.shape:
+        return "changed", f"shape {list(derivative.shape)}, base {list(base.shape)}"
+    if (
+        derivative.dtype == base.dtype
+        and record_rows_digest(derivative, rows.ranges, name) == rows.digest
+    ):
+        return "identical", ""
+    before, after = load_record(base), load_record(derivative)
+    if not before.dim():
+        before, after = before.reshape(1), after.reshape(1)
+    spans = [slice(start, stop) for start, stop in rows.ranges]
+    return compare_tensors(
+        torch.cat([before[s] for s in spans]), torch.cat([after[s] for s in spans]),
+        base.dtype, derivative.dtype,
+    )  # fmt: skip
 
 
 def compare_values(base: TensorRecord, derivative: TensorRecord) -> tuple[str, str]:
@@ -375,7 +418,18 @@ def compare_values(base: TensorRecord, derivative: TensorRecord) -> tuple[str, s
         # Cast back, integers and booleans equal the base only where it held whole numbers:
         # a loader would read them as values, not as a rounding of the base.
         return "changed", f"stored as {derivative.dtype}, not a floating-point type"
-    before, after = load_record(base), load_record(derivative)
+    return compare_tensors(load_record(base), load_record(derivative), base.dtype, derivative.dtype)
+
+
+def compare_tensors(
+    before: torch.Tensor, after: torch.Tensor, base_dtype: str, derivative_dtype: str
+) -> tuple[str, str]:
+    """`compare_values` on loaded values (the base's, the derivative's) of equal shape."""
+    stored = SAFETENSORS_TO_TORCH.get(derivative_dtype)
+    if SAFETENSORS_TO_TORCH[base_dtype].is_floating_point and not (
+        stored is not None and stored.is_floating_point
+    ):
+        return "changed", f"stored as {derivative_dtype}, not a floating-point type"
     if before.dtype == after.dtype:
         if _same_bytes(before, after):
             return "identical", ""
@@ -383,8 +437,8 @@ def compare_values(base: TensorRecord, derivative: TensorRecord) -> tuple[str, s
     if not _same_bytes(before.to(after.dtype), after):
         return "changed", _change(before, after)
     if _same_bytes(after.to(before.dtype), before):
-        return "lossless", f"stored as {derivative.dtype}, every value equal to the base's"
-    return "cast", f"stored as {derivative.dtype}: the base rounded from {base.dtype}"
+        return "lossless", f"stored as {derivative_dtype}, every value equal to the base's"
+    return "cast", f"stored as {derivative_dtype}: the base rounded from {base_dtype}"
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -430,8 +484,10 @@ def _audit_lora(
 ) -> tuple[Counter[str], list[Finding]]:
     index = ModuleIndex.for_unet(n.removeprefix("unet.") for n in base_records)
     frozen_set = set(frozen)
+    frozen_rows = verified.policy.frozen_rows
     counts: Counter[str] = Counter()
     on_frozen: dict[str, list[str]] = {}
+    on_rows: list[Finding] = []
     unmapped: list[str] = []
     adapted: set[str] = set()
     full_tensors = []
@@ -449,10 +505,17 @@ def _audit_lora(
             target = f"unet.{parsed.module}.{parsed.parameter}"
             if target in frozen_set:
                 on_frozen.setdefault(target, []).append(record.name)
+            elif target in frozen_rows:
+                finding = _lora_rows(target, record, parsed.role, frozen_rows[target])
+                if finding is not None:
+                    on_rows.append(finding)
+                else:
+                    counts["adapter tensors clear of frozen rows"] += 1
     violations = [
         Finding(name, "lora-on-frozen", f"{len(keys)} adapter tensor(s) adapt it", keys[0])
         for name, keys in sorted(on_frozen.items())
     ]
+    violations += on_rows
     violations += [
         Finding("?", "unmapped", "cannot tell which UNet module this adapts", key)
         for key in unmapped
@@ -460,11 +523,39 @@ def _audit_lora(
     if full_tensors:  # whole tensors in a LoRA file must respect the freeze like a full model
         extra = Derivative(found.path, "full", "diffusers", tuple(full_tensors), None, None)
         present = sorted(frozen_set & set(_policy_names(extra, base_records)))
-        _, full_violations = _audit_full(extra, present, verified, base_records, strict)
+        _, full_violations = _audit_full(extra, present, verified, base_records, strict, True)
         violations += full_violations
         counts["whole frozen tensors carried"] += len(present)
     counts["adapted modules"] = len(adapted)
     return counts, violations
+
+
+def _lora_rows(target: str, record: TensorRecord, role: str, rows: FrozenRows) -> Finding | None:
+    """A finding if an adapter tensor can change the frozen rows of `target`, else None.
+
+    The update of a LoRA pair is up @ down, so its row r is zero when row r of the up tensor
+    is: the up tensor (and a full difference) must be exactly zero on every frozen row.
+    """
+    if role in ("down", "scalar"):
+        return None  # reaches the rows only through the up tensor, which is checked itself
+    if role == "other":
+        return Finding(target, "lora-on-frozen-rows", "this adapter type changes every output "
+                       "row at once, so it cannot leave the frozen rows", record.name)  # fmt: skip
+    if SAFETENSORS_TO_TORCH.get(record.dtype) is None or not record.shape:
+        return Finding(target, "lora-on-frozen-rows", f"unreadable {record.dtype} tensor "
+                       f"{list(record.shape)}", record.name)  # fmt: skip
+    if record.shape[0] != rows.height:
+        return Finding(target, "lora-on-frozen-rows", f"{record.shape[0]} output rows where the "
+                       f"tensor has {rows.height}", record.name)  # fmt: skip
+    values = load_record(record)
+    touched = sum(
+        int((values[start:stop].reshape(stop - start, -1) != 0).any(dim=1).sum())
+        for start, stop in rows.ranges
+    )
+    if touched:
+        return Finding(target, "lora-on-frozen-rows", f"non-zero on {touched} of its "
+                       f"{rows.count} frozen rows", record.name)  # fmt: skip
+    return None
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -137,6 +137,21 @@ class LoraKey:
     component: str  # "unet", "text_encoder" or "unknown"
     module: str | None  # diffusers module name, without the `unet.` prefix
     parameter: str  # "weight" or "bias": what the adapter's update is added to
+    # How the tensor reaches the adapted parameter's rows (output channels): "up" (its dim 0
+    # is the output rows: lora_B / lora_up), "down" (through an up tensor only: lora_A,
+    # lora_down, lora_mid), "scalar" (alpha, scale), "diff" (a full difference added to the
+    # parameter), or "other" (DoRA magnitudes, LoHa, LoKr: every row at once).
+    role: str = "other"
+
+
+def _role(part: str) -> str:
+    if part in ("lora_B", "lora_up", "lora.up", "lora_linear_layer.up"):
+        return "up"
+    if part in ("lora_A", "lora_down", "lora.down", "lora_linear_layer.down", "lora_mid"):
+        return "down"
+    if part in ("alpha", "scale"):
+        return "scalar"
+    return "diff" if part in ("diff", "diff_b") else "other"
 
 
 # The adapter part of a key, after the module name: LoRA, DoRA, LoHa, LoKr and full-diff files.
@@ -171,15 +186,18 @@ def parse_lora_key(key: str, index: ModuleIndex) -> LoraKey:
         attention, projection = match[1], match[2]
         projection = "to_out.0" if projection == "to_out" else projection
         body, parameter = f"{attention}.{projection}", "weight"
+        role = "up" if key.endswith(".up.weight") else "down"
     elif match := _adapter(key):
         body = key[: match.start()]
         part, tail = match[1], match[2]
         parameter = "bias" if part == "diff_b" or tail.endswith(".bias") else "weight"
+        role = _role(part)
     else:
         return LoraKey(key, "unknown", None, "weight")
     if body.startswith(KOHYA_UNET_PREFIX):
-        return LoraKey(key, "unet", index.kohya.get(body[len(KOHYA_UNET_PREFIX) :]), parameter)
+        module = index.kohya.get(body[len(KOHYA_UNET_PREFIX) :])
+        return LoraKey(key, "unet", module, parameter, role)
     for prefix in ("unet.", _PEFT_PREFIX, LDM_UNET_PREFIX):
         body = body.removeprefix(prefix)
     module = index.dotted.get(body)
-    return LoraKey(key, "unet" if module else "unknown", module, parameter)
+    return LoraKey(key, "unet" if module else "unknown", module, parameter, role)

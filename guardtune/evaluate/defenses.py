@@ -2,7 +2,9 @@
 
 Freezing methods (full, random, blocks, freezeasguard) leave the weights as published and name
 tensors the user cannot train; immunising methods (IMMA, UCE, PersGuard) change the weights and
-freeze nothing. Freezing methods are compared at the same frozen-parameter share, the policy's.
+freeze nothing; the combined defence (freezeasguard+uce) does both: its weights are the edited
+model a publisher ships and its policy freezes part of them. Freezing methods are compared at
+the same frozen-parameter share, the policy's.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import torch
 
 from guardtune.blocks import block_of
 from guardtune.learn.binarize import fill_to_share, random_scores
+from guardtune.rowranges import Ranges, count
 
-METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce", "persguard")
+COMBINED = "freezeasguard+uce"
+# What `evaluate` compares unless told otherwise; the combined defence needs its edited model.
+DEFAULT_METHODS = ("full", "random", "blocks", "freezeasguard", "imma", "uce", "persguard")
+METHODS = (*DEFAULT_METHODS, COMBINED)
 # Methods whose outcome depends on the seed beyond the user's fine-tune (they draw a mask).
 SEEDED = ("random", "blocks")
 
@@ -27,9 +33,13 @@ class Defense:
     method: str
     frozen: frozenset[str] = frozenset()
     weights: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    rows: dict[str, Ranges] = field(default_factory=dict, compare=False)  # frozen in part
 
-    def frozen_share(self, numel: dict[str, int]) -> float:
-        return sum(numel[n] for n in self.frozen) / sum(numel.values())
+    def frozen_share(self, numel: dict[str, int], heights: dict[str, int]) -> float:
+        """Frozen parameters over all; a tensor frozen in part counts its frozen rows."""
+        whole = sum(numel[n] for n in self.frozen)
+        part = sum(numel[n] * count(r) / heights[n] for n, r in self.rows.items())
+        return (whole + part) / sum(numel.values())
 
 
 def random_mask(numel: dict[str, int], share: float, seed: int) -> frozenset[str]:

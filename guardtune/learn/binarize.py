@@ -1,12 +1,17 @@
 """Turning mask scores into exactly the requested frozen share, by parameters or by tensors.
 
 The FreezeAsGuard learner freezes down its ranking (the mask logits) until the share reaches p,
-as the paper binarises. Baselines that only need to sit at a given share (random-p in `publish`
-and `evaluate`, the structural rule in `evaluate`) fill it instead: tensors in their order while
-they fit, then the one landing closest, so one large tensor cannot overshoot it by several points.
+as the paper binarises: of tensors (`freeze_top`), or with a mask per channel of rows
+(`freeze_top_rows`, whose answer is whole tensors and the rows of the rest, as
+guardtune.rowranges spells them). Baselines that only need to sit at a given share (random-p in
+`publish` and `evaluate`, the structural rule in `evaluate`) fill it instead: tensors in their
+order while they fit, then the one landing closest, so one large tensor cannot overshoot it by
+several points.
 """
 
 from __future__ import annotations
+
+from guardtune.rowranges import Ranges, ranges_of
 
 SHARE_BY = ("parameters", "tensors")
 
@@ -33,6 +38,36 @@ def freeze_top(
         frozen.append(name)
         covered += weight[name]
     return sorted(frozen)
+
+
+def freeze_top_rows(
+    scores: dict[str, list[float]], row_sizes: dict[str, int], ratio: float
+) -> tuple[list[str], dict[str, Ranges]]:
+    """The highest-scoring rows whose share of parameters reaches ratio.
+
+    `scores` holds each tensor's row scores in row order, `row_sizes` the parameters in each of
+    its rows. Rows tied on score go by tensor name, then row, so one ranking has one answer.
+    Returns the tensors all of whose rows are chosen (sorted names: freezing them whole is the
+    same freezing, in the form every reader knows) and, for the others with rows chosen, those
+    rows as canonical ranges.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError("the frozen ratio must be between 0 and 1")
+    total = sum(len(rows) * row_sizes[name] for name, rows in scores.items())
+    ranking = sorted(
+        (-score, name, row) for name, rows in scores.items() for row, score in enumerate(rows)
+    )
+    chosen: dict[str, list[int]] = {}
+    covered = 0
+    for _, name, row in ranking:
+        if covered >= ratio * total:
+            break
+        chosen.setdefault(name, []).append(row)
+        covered += row_sizes[name]
+    whole = sorted(name for name, rows in chosen.items() if len(rows) == len(scores[name]))
+    part = {name: ranges_of(rows) for name, rows in sorted(chosen.items())
+            if len(rows) < len(scores[name])}  # fmt: skip
+    return whole, part
 
 
 def fill_to_share(

@@ -1,9 +1,14 @@
 """FreezeAsGuard's bilevel mask learner (paper Sec. 3, Algorithm 1, Appendix A).
 
-One mask entry per UNet parameter tensor, m = sigmoid(w / T). The model the simulated user
-trains is theta(m) = m * theta_pre + (1 - m) * theta_ft = theta_ft + m * theta_d, kept as the
-UNet's own parameters, and theta_d = theta_pre - theta_ft is the only other copy of the weights
-in memory (Sec. 3.3: two copies instead of three).
+One mask entry (a unit) per UNet parameter tensor, or with `granularity="channel"` one per row of
+each tensor (its entries along dim 0: a convolution's or linear layer's output channels, a bias
+or norm vector's entries; see guardtune.rowranges), m = sigmoid(w / T). The model the simulated
+user trains is theta(m) = m * theta_pre + (1 - m) * theta_ft = theta_ft + m * theta_d, with m
+broadcast over each unit's parameters, kept as the UNet's own parameters, and theta_d = theta_pre
+- theta_ft is the only other copy of the weights in memory (Sec. 3.3: two copies instead of
+three). What the learner does per unit it does alike per tensor or per row (`_Units`): per
+tensor with a number for each tensor (scalar arithmetic, as before there were rows), per row with
+a (rows, 1, ...) factor that broadcasts over the row's parameters.
 
 `learn_mask` runs these steps, each a function of its own:
 - Relearn (`_relearn`): theta_ft is theta_pre fine-tuned on illegal + legal data (what the
@@ -14,38 +19,51 @@ in memory (Sec. 3.3: two copies instead of three).
   theta_ft = theta_pre - theta_d, we hand theta_d to a fused Adam with gradient -(1 - m) * g,
   and move theta(m) by (1 - m) times the change of theta_d, in place.
 - Upper level (Eq. 5, 6, 8; `_mask_update`): L_upper = -lambda1 * L_illegal + lambda2 *
-  L_legal. Its gradient for w_i is <dL/dtheta(m)_i, theta_d,i> * m_i (1 - m_i) / T, plus the
-  sparsity term.
+  L_legal. Its gradient for w_i is <dL/dtheta(m)_i, theta_d,i> * m_i (1 - m_i) / T (the inner
+  product over unit i's parameters), plus the sparsity term.
 - Cost: both levels do their per-tensor work inside the backward, as each large tensor's
   gradient lands (`_InBackward`); small tensors go together afterwards with foreach ops (one
-  multiply, one concatenation, one segment sum for all their inner products). One mask-update
-  cycle costs 1.10x as many plain fine-tune steps on an SD v1.5-size UNet, at 0.94x the memory
-  (benchmarks/learner.py).
+  multiply, one concatenation, one segment sum for all their inner products, per tensor or per
+  row). One mask-update cycle costs 1.10x as many plain fine-tune steps on an SD v1.5-size UNet,
+  at 0.94x the memory (benchmarks/learner.py, per tensor); on the embedded model, on CPU, about
+  1.1x per tensor and per channel alike, per channel at 1.06x the memory.
 
 Deviations from the paper, each kept because probing the learner on the embedded scenario showed
 it mattered: the illegal and legal halves of a mask step share timesteps and noise (so their
-loss difference is not drowned by sampling noise); each tensor's inner product is divided by its
-size and by a running RMS over rounds (so the step size means the same for every tensor and
+loss difference is not drowned by sampling noise); each unit's inner product is divided by its
+size and by a running RMS over rounds (so the step size means the same for every unit and
 every model); the sparsity pull is c * (share(m) - p), the gradient of c/2 * (share - p)^2, with
-share by parameters or tensors; the simulated user is Adam at the attacker's learning rate, and
+share by parameters or tensors (per row, only by parameters: a share of tensors does not say what
+part of a tensor counts); the simulated user is Adam at the attacker's learning rate, and
 it restarts from theta_ft every `user_reset_every` rounds, so the mask keeps being judged
 against a user at the start of an attack rather than one that has trained for thousands of steps
 (the authors' code keeps one user trajectory); all mask logits start equal rather than random (a
 random start hid the signal). lambda1 = lambda2 = 1 because both halves of every batch have the
 same size, which is the balance Sec. 3.1 asks for.
 
+The attacker's horizon (`horizon`, `_schedule`): with restarts alone, a user is at most
+`user_reset_every * user_steps` steps into its attack when a mask step judges it (200 by
+default), and the protection of such a mask was found to fade by 400 user steps: nothing had
+asked it to hold there. With a horizon H, each restart's user runs H steps, and its R =
+`user_reset_every` rounds are spread over them: round k of a restart takes the user to
+floor(H (k + 1) / R) steps, so mask steps see users early, in the middle and late in the
+attack, each mask step still one backward. The user's steps per round become H / R on average
+(`user_steps` is then unused), so a round costs what H / R user steps cost. Without a horizon,
+every round takes `user_steps` steps, as before.
+
 Resumable (`_resume`): every user restart is a checkpoint (`_Checkpoint`: mask logits, RMS
 state and history in `state.json`; theta_ft and theta_d in `relearned.safetensors`), and
-everything random in round r is seeded by r, so a resumed run computes the same rounds as an
-uninterrupted one. Under torch.distributed (e.g. `accelerate launch`) each rank draws its own
-batches and the user's gradients and the mask gradients are averaged across ranks, so every
-rank holds the same mask.
+everything random in round r is seeded by r and the index of the user's step, so a resumed run
+computes the same rounds as an uninterrupted one. Under torch.distributed (e.g. `accelerate
+launch`) each rank draws its own batches and the user's gradients and the mask gradients are
+averaged across ranks, so every rank holds the same mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -60,21 +78,26 @@ import torch.nn.functional as F
 
 from guardtune import atomic
 from guardtune.errors import DataError
-from guardtune.learn.binarize import freeze_top
+from guardtune.learn.binarize import freeze_top, freeze_top_rows
+from guardtune.rowranges import Ranges
 from guardtune.tensorfile import read_header
 from guardtune.training.loss import draw_noise, pose, predict
+
+GRANULARITIES = ("tensor", "channel")  # a mask entry per tensor, or per row (output channel)
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
     ratio: float = 0.3  # p, the share to freeze
     share_by: str = "parameters"  # or "tensors"
+    granularity: str = "tensor"  # a mask entry per tensor, or per "channel" (row along dim 0)
     relearn_steps: int = 200
     relearn_lr: float = 1e-4
     rounds: int = 150  # mask updates (K in Algorithm 1)
     user_steps: int = 4  # simulated-user steps per mask update (L in Algorithm 1)
     user_lr: float = 1e-4
     user_reset_every: int = 50  # rounds between restarts of the simulated user (and checkpoints)
+    horizon: int | None = None  # user steps per restart, spread over its rounds (see above)
     mask_lr: float = 0.05
     init_spread: float = 0.0  # initial logits are -1 - init_spread * U(0, 1)
     temperature: float = 0.2  # T
@@ -93,9 +116,11 @@ class RoundLog:
 
 @dataclass(frozen=True)
 class LearnedMask:
-    frozen: list[str]  # bare UNet parameter names
-    logits: dict[str, float]
+    frozen: list[str]  # bare UNet parameter names of whole frozen tensors, sorted
+    logits: dict[str, float]  # per tensor; per channel, each tensor's mean row logit
     history: list[RoundLog] = field(default_factory=list)
+    rows: dict[str, Ranges] = field(default_factory=dict)  # tensors frozen in part: their rows
+    row_logits: dict[str, list[float]] = field(default_factory=dict)  # per channel: every row's
 
 
 def _buckets(tensors: list[torch.Tensor], bucket: int) -> list[tuple[int, int]]:
@@ -111,19 +136,76 @@ def _buckets(tensors: list[torch.Tensor], bucket: int) -> list[tuple[int, int]]:
     return ranges
 
 
-class _FlatDot:
-    """Per-tensor inner products <a_i, b_i> for many small tensors, a few kernel launches in all.
+_Factor = float | torch.Tensor  # a whole tensor's mask value, or its rows' as (rows, 1, ...)
 
-    Tensors are multiplied with one foreach op, then concatenated and segment-summed in buckets
-    of at most `bucket` values, so the flat copy never approaches the size of the model.
+
+class _Units:
+    """Which mask entry each parameter answers to: one per tensor, or one per row of each tensor.
+
+    Units are numbered tensor by tensor in named_parameters order, and within a tensor by row,
+    which is also the order of the logits vector and of a checkpoint's logits.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], bucket: int = 1 << 24) -> None:
+    def __init__(self, params: list[torch.Tensor], by_row: bool) -> None:
+        self.by_row = by_row
+        # A 0-d tensor has no dim 0: it is one row.
+        self.rows = [(p.shape[0] if p.dim() else 1) if by_row else 1 for p in params]
+        # Tensor i's units are [start[i], start[i + 1]).
+        self.start = list(itertools.accumulate(self.rows, initial=0))
+        self.count = self.start[-1]
+        self.size = torch.tensor(  # parameters per unit, float64 as the mask arithmetic
+            [p.numel() // r for p, r in zip(params, self.rows, strict=True) for _ in range(r)],
+            dtype=torch.float64,
+        )
+        self.shapes = [(r, *[1] * (p.dim() - 1)) if p.dim() else ()
+                       for p, r in zip(params, self.rows, strict=True)]  # fmt: skip
+        self.device = params[0].device if params else torch.device("cpu")
+        # Row factors in at least float32: in half precision a mask value would lose the digits
+        # that a number per tensor keeps (a scalar multiplies in float32 there too).
+        dtype = params[0].dtype if params else torch.float32
+        self.dtype = torch.promote_types(dtype, torch.float32)
+
+    def per_tensor(self, values: torch.Tensor) -> list[_Factor]:
+        """One value per unit as each tensor's factor: a number, or a (rows, 1, ...) tensor."""
+        if not self.by_row:
+            return values.tolist()
+        moved = values.to(device=self.device, dtype=self.dtype)
+        return [v.view(shape) for v, shape in zip(moved.split(self.rows), self.shapes, strict=True)]
+
+    def names(self, names: list[str], values: torch.Tensor) -> dict[str, list[float]]:
+        """One value per unit, as each tensor's list of row values."""
+        listed = values.tolist()
+        return {n: listed[self.start[i] : self.start[i + 1]] for i, n in enumerate(names)}
+
+
+def _add_scaled(target: torch.Tensor, other: torch.Tensor, factor: _Factor) -> None:
+    """target += factor * other: a number for a whole tensor, a (rows, 1, ...) tensor per row."""
+    if isinstance(factor, float):
+        target.add_(other, alpha=factor)
+    else:
+        target.addcmul_(other, factor)
+
+
+class _FlatDot:
+    """Inner products <a_i, b_i> for many small tensors, a few kernel launches in all.
+
+    Per tensor, or with `rows` per row of each tensor (row sums of a_i * b_i): either way a
+    segment sum, with one segment per tensor or per row. Tensors are multiplied with one foreach
+    op, then concatenated and segment-summed in buckets of at most `bucket` values, so the flat
+    copy never approaches the size of the model.
+    """
+
+    def __init__(
+        self, tensors: list[torch.Tensor], bucket: int = 1 << 24, rows: list[int] | None = None
+    ) -> None:
         device = tensors[0].device if tensors else torch.device("cpu")
+        rows = rows if rows is not None else [1] * len(tensors)
         self.groups = [
-            (start, stop, torch.tensor([t.numel() for t in tensors[start:stop]], device=device))
+            (start, stop, torch.tensor(
+                [t.numel() // r for t, r in zip(tensors[start:stop], rows[start:stop], strict=True)
+                 for _ in range(r)], dtype=torch.long, device=device))
             for start, stop in _buckets(tensors, bucket)
-        ]
+        ]  # fmt: skip
 
     def __call__(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         if not a:
@@ -137,32 +219,50 @@ class _FlatDot:
 
 
 class _InBackward:
-    """A user step's or a mask step's per-tensor work, done as each large gradient lands.
+    """A user step's or a mask step's per-unit work, done as each large gradient lands.
 
     As torchtune's optimizer-in-backward: autograd calls a hook the moment a large tensor's
-    gradient is complete, the hook uses it (the user's masked Adam step, or the inner product
+    gradient is complete, the hook uses it (the user's masked Adam step, or the inner products
     <g, theta_d> of a mask step) and drops it. So a backward never holds a whole model's
     gradients (on an SD v1.5-size UNet, 3.4 GB fewer at peak), each freed buffer is reused by
     the next instead of faulting in fresh pages, and a large tensor's inner product is one dot
-    that writes nothing. Small tensors (biases, norms: half of an SD UNet's tensors, a tiny
-    share of its values) keep their gradients and are done together after the backward with
-    foreach ops, where a kernel launch each would cost more than the arithmetic.
+    that writes nothing (per row: the spent gradient times theta_d in place, then row sums).
+    Small tensors (biases, norms: half of an SD UNet's tensors, a tiny share of its values) keep
+    their gradients and are done together after the backward with foreach ops, where a kernel
+    launch each would cost more than the arithmetic; per row, their factors are expanded to
+    their full shapes, so the foreach ops keep their multi-tensor kernels.
 
     The arithmetic is the same elementwise arithmetic as one multi-tensor step, in another order.
     """
 
-    def __init__(self, params, theta_d, world: int, large: int = 1 << 16) -> None:
+    def __init__(
+        self, params, theta_d, world: int, large: int = 1 << 16, units: _Units | None = None
+    ) -> None:
         self.params, self.theta_d, self.world = params, theta_d, world
+        self.units = units if units is not None else _Units(params, by_row=False)
         self.large = [i for i, p in enumerate(params) if p.numel() >= large]
         self.small = [i for i, p in enumerate(params) if p.numel() < large]
-        self.dot = _FlatDot([params[i] for i in self.small])
+        rows = self.units.rows
+        self.dot = _FlatDot([params[i] for i in self.small], rows=[rows[i] for i in self.small])
+        starts = self.units.start
+        small_units = [u for i in self.small for u in range(starts[i], starts[i + 1])]
+        self.small_units = torch.tensor(small_units, dtype=torch.long)
+        # Per row, each factor of a step (scale, lift, lower) lives in buffers made once, with a
+        # view for each tensor; a step refills them with one copy and one gather rather than
+        # making a tensor for each of hundreds of tensors (that took 10% of a user step on the
+        # embedded model). The gather expands the small tensors' factors to their full shapes.
+        self.slots: dict[str, tuple[torch.Tensor, torch.Tensor, list[_Factor]]] = {}
+        if self.units.by_row:
+            sizes = self.units.size[self.small_units].long()
+            self.expand = torch.repeat_interleave(self.small_units, sizes).to(self.units.device)
+            self.slots = {kind: self._slot() for kind in ("scale", "lift", "lower")}
         self.mode: str | None = None  # None: outside a step, hooks leave gradients alone
         self.users: dict[int, torch.optim.Optimizer] = {}
         self.small_user: torch.optim.Optimizer | None = None
-        self.inner = torch.zeros(len(params))
-        self.scale: list[float] = []
-        self.lift: list[float] = []
-        self.lower: list[float] = []
+        self.inner = torch.zeros(self.units.count)
+        self.scale: list[_Factor] = []
+        self.lift: list[_Factor] = []
+        self.lower: list[_Factor] = []
         self.handles = [
             params[i].register_post_accumulate_grad_hook(self._hook(i)) for i in self.large
         ]
@@ -182,19 +282,44 @@ class _InBackward:
 
     def user_step(self, loss: torch.Tensor, mask: torch.Tensor, applied: torch.Tensor) -> None:
         """Backward, then the user's step on theta_d; theta(m) moves from `applied` to `mask`."""
-        self.scale = (mask - 1.0).tolist()  # d/dtheta_d = -(1 - m) g
-        self.lift, self.lower = (1.0 - applied).tolist(), (1.0 - mask).tolist()
+        self.scale = self._factors("scale", mask - 1.0)  # d/dtheta_d = -(1 - m) g
+        self.lower = self._factors("lower", 1.0 - mask)
+        self.lift = self.lower if applied is mask else self._factors("lift", 1.0 - applied)
         self._backward(loss, "user")
         if self.small_user is not None:
             self._user_update(self.small, self._take(self.small), self.small_user)
 
     def inner_products(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward, then <dloss/dtheta(m)_i, theta_d,i> for every tensor."""
+        """Backward, then <dloss/dtheta(m)_u, theta_d,u> for every unit u."""
         self._backward(loss, "mask")
         small = self.dot(self._take(self.small), [self.theta_d[i] for i in self.small])
         inner = self.inner.clone()
-        inner[self.small] = small
+        inner[self.small_units] = small.to(inner.device)
         return inner
+
+    def _slot(self) -> tuple[torch.Tensor, torch.Tensor, list[_Factor]]:
+        """Buffers for one factor: a value per unit, the small tensors' values expanded, and each
+        tensor's view (a large tensor's (rows, 1, ...), a small tensor's at its own shape)."""
+        units, device, dtype = self.units, self.units.device, self.units.dtype
+        per_unit = torch.zeros(units.count, device=device, dtype=dtype)
+        expanded = torch.zeros(len(self.expand), device=device, dtype=dtype)
+        views: list[_Factor] = [
+            per_unit[units.start[i] : units.start[i + 1]].view(shape)
+            for i, shape in enumerate(units.shapes)
+        ]
+        pieces = expanded.split([self.params[i].numel() for i in self.small])
+        for i, piece in zip(self.small, pieces, strict=True):
+            views[i] = piece.view(self.params[i].shape)
+        return per_unit, expanded, views
+
+    def _factors(self, kind: str, values: torch.Tensor) -> list[_Factor]:
+        """Each tensor's factor from one value per unit: a number per tensor, or per row."""
+        if not self.units.by_row:
+            return values.tolist()
+        per_unit, expanded, views = self.slots[kind]
+        per_unit.copy_(values)
+        torch.index_select(per_unit, 0, self.expand, out=expanded)
+        return views
 
     def _backward(self, loss: torch.Tensor, mode: str) -> None:
         self.mode = mode
@@ -216,7 +341,15 @@ class _InBackward:
         for i, g in zip(indices, grads, strict=True):
             self.theta_d[i].grad = g
         # theta(m) = theta_pre - (1 - m) * theta_d: lift to theta_pre, step, lower again.
-        for i in indices:
+        if self.units.by_row:
+            params, theta_d = [self.params[i] for i in indices], [self.theta_d[i] for i in indices]
+            torch._foreach_addcmul_(params, theta_d, [self.lift[i] for i in indices])
+            optimizer.step()
+            torch._foreach_addcmul_(params, theta_d, [self.lower[i] for i in indices], value=-1)
+            for d in theta_d:
+                d.grad = None
+            return
+        for i in indices:  # per tensor: a number each
             self.params[i].add_(self.theta_d[i], alpha=self.lift[i])
         optimizer.step()
         for i in indices:
@@ -230,7 +363,11 @@ class _InBackward:
             (grad,) = self._take([i])
             if self.mode == "user":
                 self._user_update([i], [grad], self.users[i])
-            else:  # ranks average the inner products afterwards: theta_d is the same on all
+            # Ranks average the inner products afterwards: theta_d is the same on all.
+            elif self.units.by_row:  # the gradient is spent: it takes the products in place
+                rows = grad.mul_(self.theta_d[i]).reshape(self.units.rows[i], -1).sum(1)
+                self.inner[self.units.start[i] : self.units.start[i + 1]] = rows
+            else:
                 self.inner[i] = torch.dot(grad.reshape(-1), self.theta_d[i].reshape(-1))
 
         return landed
@@ -352,12 +489,12 @@ class _Store:
     def save(self, names, theta_ft, theta_d) -> None:
         _write_tensors(self.path, _named("ft.", names, theta_ft) + _named("d.", names, theta_d))
 
-    def restart(self, names, params, theta_d, mask: list[float]) -> None:
-        """theta_d <- theta_pre - theta_ft; theta(m) <- theta_ft + m * theta_d."""
+    def restart(self, names, params, theta_d, mask: list[_Factor]) -> None:
+        """theta_d <- theta_pre - theta_ft; theta(m) <- theta_ft + m * theta_d (m per tensor)."""
         _read_into(self.path, _named("d.", names, theta_d) + _named("ft.", names, params))
         with torch.no_grad():
             for p, d, m in zip(params, theta_d, mask, strict=True):
-                p.add_(d, alpha=m)
+                _add_scaled(p, d, m)
 
 
 @dataclass(frozen=True)
@@ -369,8 +506,8 @@ class _Bilevel:
     illegal: Any  # EncodedData
     legal: Any
     config: LearnerConfig
-    numel: torch.Tensor  # float64: each tensor's size
-    weight: torch.Tensor  # float64: each tensor's weight in share(m), by `config.share_by`
+    size: torch.Tensor  # float64: each unit's number of parameters
+    weight: torch.Tensor  # float64: each unit's weight in share(m), by `config.share_by`
     world: int
     seed_base: int  # ranks draw different batches
 
@@ -425,30 +562,31 @@ def learn_mask(
     `illegal` and `legal` are EncodedData (cached latents and text embeddings); `report` is a
     progress callback; `workdir` holds checkpoints (a temporary folder if None); with `resume`,
     a matching checkpoint there is continued. The UNet's parameters are left holding theta(m)
-    of the final round.
+    of the final round. Settings it cannot honour raise DataError before anything is computed.
 
     relearn (or resume) -> for each round: restart the user every `user_reset_every` rounds ->
-    the user's steps (lower level) -> the mask update (upper level) -> the binarised mask.
+    the user's steps (lower level) -> the mask update (upper level) -> the binarised mask: per
+    tensor, `frozen` and `logits`; per channel also `rows` (tensors frozen in part) and
+    `row_logits`, with `logits` each tensor's mean row logit.
     """
     import tempfile
 
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="guardtune-learn-") as temporary:
             return learn_mask(unet, scheduler, illegal, legal, config, report, Path(temporary))
-    if config.user_reset_every < 1:
-        raise DataError("user_reset_every must be at least 1 (the number of rounds: no restarts)")
+    _check(config)
     rank, world = _world()
     names = [n for n, _ in unet.named_parameters()]
     params = [p for _, p in unet.named_parameters()]
     for p in params:
         p.requires_grad_(True)
-    numel = torch.tensor([p.numel() for p in params], dtype=torch.float64)
+    units = _Units(params, by_row=config.granularity == "channel")
     weight = (
-        numel / numel.sum()
+        units.size / units.size.sum()
         if config.share_by == "parameters"
-        else torch.full_like(numel, 1 / len(params))
+        else torch.full_like(units.size, 1 / len(params))
     )
-    problem = _Bilevel(unet, scheduler, illegal, legal, config, numel, weight, world,
+    problem = _Bilevel(unet, scheduler, illegal, legal, config, units.size, weight, world,
                        seed_base=config.seed * 7919 + rank * 104_729)  # fmt: skip
     store = _Store(workdir)
     state_path = workdir / "state.json"
@@ -461,7 +599,7 @@ def learn_mask(
             report(advance=config.relearn_steps + checkpoint.round)
     else:
         theta_d = _relearn(problem, names, params, store, rank, report)
-        checkpoint = _Checkpoint(key, 0, _initial_logits(config, len(params)), 0.0, ())
+        checkpoint = _Checkpoint(key, 0, _initial_logits(config, units.count), 0.0, ())
         if rank == 0:  # after the store: a checkpoint always has the weights it refers to
             checkpoint.save(state_path)
     _barrier(world)
@@ -470,7 +608,7 @@ def learn_mask(
 
     if theta_d is None:  # filled from the store at the first restart
         theta_d = [torch.empty_like(p) for p in params]
-    steps = _InBackward(params, theta_d, world)
+    steps = _InBackward(params, theta_d, world, units=units)
     try:
         mask = torch.sigmoid(logits / config.temperature)
         # The UNet holds theta(m) for the mask `applied`. A mask step does not move the weights to
@@ -492,7 +630,7 @@ def learn_mask(
             history.append(log)
             if report:
                 report(illegal=log.illegal_loss, legal=log.legal_loss, share=log.mask_share)
-        _follow(params, theta_d, applied, mask)  # the UNet ends holding theta(m) of the last mask
+        _follow(steps, applied, mask)  # the UNet ends holding theta(m) of the last mask
     finally:
         steps.remove()  # the UNet leaves without guardtune's hooks
     if world > 1:  # every rank must have taken the same mask steps
@@ -502,10 +640,47 @@ def learn_mask(
             raise RuntimeError(f"rank {rank}'s mask differs from rank 0's")
     if rank == 0:
         _Checkpoint(key, config.rounds, logits, mean_square, tuple(history)).save(state_path)
-    scores = dict(zip(names, logits.tolist(), strict=True))
-    sizes = dict(zip(names, [int(n) for n in numel.tolist()], strict=True))
-    frozen = freeze_top(scores, sizes, config.ratio, config.share_by)
-    return LearnedMask(frozen, scores, history)
+    if not units.by_row:
+        scores = dict(zip(names, logits.tolist(), strict=True))
+        sizes = {n: p.numel() for n, p in zip(names, params, strict=True)}
+        frozen = freeze_top(scores, sizes, config.ratio, config.share_by)
+        return LearnedMask(frozen, scores, history)
+    row_logits = units.names(names, logits)
+    row_sizes = {n: p.numel() // max(r, 1) for n, p, r in zip(names, params, units.rows,
+                                                             strict=True)}  # fmt: skip
+    frozen, rows = freeze_top_rows(row_logits, row_sizes, config.ratio)
+    # The log keeps one number per tensor: its rows' mean.
+    means = {n: sum(v) / max(len(v), 1) for n, v in row_logits.items()}
+    return LearnedMask(frozen, means, history, rows, row_logits)
+
+
+def _check(config: LearnerConfig) -> None:
+    """Refuse settings the learner cannot honour, each in one line."""
+    if config.user_reset_every < 1:
+        raise DataError("user_reset_every must be at least 1 (the number of rounds: no restarts)")
+    if config.granularity not in GRANULARITIES:
+        raise DataError(f"granularity must be one of {GRANULARITIES}, not {config.granularity!r}")
+    if config.granularity == "channel" and config.share_by != "parameters":
+        raise DataError("a mask per channel needs share_by='parameters': a share of tensors does "
+                        "not say how much of a tensor its rows count for")  # fmt: skip
+    if config.horizon is not None and config.horizon < config.user_reset_every:
+        raise DataError(f"horizon ({config.horizon}) must be at least user_reset_every "
+                        f"({config.user_reset_every}): a user step or more per round")  # fmt: skip
+
+
+def _schedule(config: LearnerConfig, round_index: int) -> tuple[int, int]:
+    """The user steps of a round: the index of its first (counted over the run) and how many.
+
+    Without a horizon, `user_steps` each. With one, round k of a restart of R rounds takes the
+    user from floor(H k / R) to floor(H (k + 1) / R) steps since the restart, so a restart's
+    mask steps are spread over its user's whole H steps (module docstring). Both are functions of
+    the round alone, so a resumed run draws the same batches.
+    """
+    if config.horizon is None:
+        return round_index * config.user_steps, config.user_steps
+    restart, k = divmod(round_index, config.user_reset_every)
+    reached = [config.horizon * j // config.user_reset_every for j in (k, k + 1)]
+    return restart * config.horizon + reached[0], reached[1] - reached[0]
 
 
 def _initial_logits(config: LearnerConfig, count: int) -> torch.Tensor:
@@ -579,7 +754,7 @@ def _relearn(
 
 def _restart_user(store: _Store, names: list[str], steps: _InBackward, mask, lr: float) -> None:
     """A fresh simulated user at theta_ft: theta(m) and theta_d from the store, a new Adam."""
-    store.restart(names, steps.params, steps.theta_d, mask.tolist())
+    store.restart(names, steps.params, steps.theta_d, steps.units.per_tensor(mask))
     steps.restart_user(lr)
 
 
@@ -588,13 +763,13 @@ def _user_steps(problem: _Bilevel, steps: _InBackward, round_index: int, mask, a
 
     The UNet arrives holding theta(m) for the mask `applied` and leaves holding it for `mask`.
     """
-    config = problem.config
-    for user_step in range(config.user_steps):
-        seed = 1_000_000 + problem.seed_base + 2 * (round_index * config.user_steps + user_step)
+    first, count = _schedule(problem.config, round_index)
+    for user_step in range(first, first + count):
+        seed = 1_000_000 + problem.seed_base + 2 * user_step
         illegal_loss, legal_loss = problem.losses(seed, shared=False)
         steps.user_step(illegal_loss + legal_loss, mask, applied)
         applied = mask
-    _follow(steps.params, steps.theta_d, applied, mask)  # only if there were no user steps
+    _follow(steps, applied, mask)  # only if there were no user steps
 
 
 def _mask_update(
@@ -607,19 +782,19 @@ def _mask_update(
 ) -> tuple[torch.Tensor, float, RoundLog]:
     """Upper level (Eq. 5, 6, 8): one gradient step on the logits; new logits and RMS state.
 
-    The gradient for w_i is <dL_upper/dtheta(m)_i, theta_d,i>, divided by the tensor's size and
-    by the running RMS of those over rounds, plus the sparsity pull c * (share(m) - p), both
-    times dm_i/dw_i = m_i (1 - m_i) / T.
+    The gradient for w_i is <dL_upper/dtheta(m)_i, theta_d,i>, divided by the unit's size and
+    by the running RMS of those over rounds and units, plus the sparsity pull c * (share(m) - p),
+    both times dm_i/dw_i = m_i (1 - m_i) / T.
     """
     config = problem.config
-    # The same timesteps and noise for both halves.
-    seed = 1_000_001 + problem.seed_base + 2 * round_index * config.user_steps
+    # The same timesteps and noise for both halves; odd, where the user's seeds are even.
+    seed = 1_000_001 + problem.seed_base + 2 * _schedule(config, round_index)[0]
     illegal_loss, legal_loss = problem.losses(seed, shared=True)
     inner = steps.inner_products(-illegal_loss + legal_loss).double()
     with torch.no_grad():
         losses = torch.stack([illegal_loss.detach(), legal_loss.detach()]).double()
         _average([inner, losses], problem.world)
-        inner /= problem.numel  # <dL/dtheta(m)_i, theta_d,i> / size
+        inner /= problem.size  # <dL/dtheta(m)_i, theta_d,i> / size
         mean_square = 0.9 * mean_square + 0.1 * float(inner.pow(2).mean())
         rms = math.sqrt(mean_square / (1 - 0.9 ** (round_index + 1))) + 1e-30
         share = float((mask * problem.weight).sum())
@@ -633,13 +808,14 @@ def _mask_update(
     return logits, mean_square, RoundLog(round_index, float(losses[0]), float(losses[1]), share)
 
 
-def _follow(params, theta_d, applied: torch.Tensor, mask: torch.Tensor) -> None:
+def _follow(steps: _InBackward, applied: torch.Tensor, mask: torch.Tensor) -> None:
     """Move theta(m) from the mask `applied` to `mask` in place: + (m - m_applied) * theta_d."""
     if applied is mask:
         return
+    changes = steps.units.per_tensor(mask - applied)
     with torch.no_grad():
-        for p, d, change in zip(params, theta_d, (mask - applied).tolist(), strict=True):
-            p.add_(d, alpha=change)
+        for p, d, change in zip(steps.params, steps.theta_d, changes, strict=True):
+            _add_scaled(p, d, change)
 
 
 def _barrier(world: int) -> None:

@@ -41,7 +41,13 @@ from guardtune.contract import (
 )
 from guardtune.data import ImageCaptionDataset, scan_folder
 from guardtune.distributed import is_main_process
-from guardtune.enforce.freeze import FreezeSummary, freeze_for_training, frozen_unet_names
+from guardtune.enforce.freeze import (
+    FreezeSummary,
+    freeze_for_training,
+    frozen_unet_names,
+    frozen_unet_rows,
+    lora_row_hold,
+)
 from guardtune.enforce.guard import FrozenDigests
 from guardtune.errors import DataError, GuardtuneError, PolicyError, UsageError
 from guardtune.export import check_save_as, save_run_as
@@ -160,13 +166,15 @@ def finetune(
     pipeline = load_pipeline(source, device=device, dtype=torch.float32, expected=expected)
     unet = pipeline.unet
     frozen = frozen_unet_names(verified.policy if verified else None)
-    summary = freeze_for_training(unet, frozen, *encoders(pipeline))
+    rows = frozen_unet_rows(verified.policy if verified else None)
+    summary, hold = freeze_for_training(unet, frozen, *encoders(pipeline), rows=rows)
     guard = None
     if verified is not None:
         records = {r.name: r for r in model_tensors(source, ("unet",))["unet"]}
         guard = FrozenDigests.from_policy(
-            verified.policy.frozen_tensors, verified.policy.model["unet"].tensors, records
-        )
+            verified.policy.frozen_tensors, verified.policy.model["unet"].tensors, records,
+            verified.policy.frozen_rows,
+        )  # fmt: skip
     resolution = config.resolution or unet.config.sample_size * pipeline.vae_scale_factor
 
     # Encode: the VAE and text encoder are never trained here, so their outputs are cached.
@@ -192,6 +200,7 @@ def finetune(
     # Adapt: the unfrozen UNet tensors train, or LoRA adapters on unfrozen projections.
     if config.lora:
         attach_lora(unet, frozen, config)
+        hold = lora_row_hold(unet, rows)  # the base weights no longer train: the adapters do
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
@@ -232,6 +241,7 @@ def finetune(
         start_step = checkpoint.step
         if ema is not None and checkpoint.ema is not None:
             ema.load(checkpoint.ema, start_step)
+        hold.after_step()  # a checkpoint's frozen rows are not taken on trust
     log = TrainLog.resumed(out, start_step) if start_step else TrainLog()
 
     # Train, into the folder this run now claims.
@@ -275,9 +285,11 @@ def finetune(
                         loss = loss + config.prior_loss_weight * prior_loss
                     accelerator.backward(loss / config.grad_accum)
                 total += loss.item() / config.grad_accum
+            hold.before_step()
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
             optimizer.step()
+            hold.after_step()
             if ema is not None:
                 ema.update(trainable)
             used_lr = float(lr_schedule.get_last_lr()[0])
@@ -326,6 +338,7 @@ def finetune(
     unet = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.copy_to(trainable)
+        hold.after_step()
     if guard is not None:
         guard.check(unet)
 

@@ -17,14 +17,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardtune import __version__, atomic
+from guardtune import __version__, atomic, rowranges
 from guardtune.contract import read_small_file
 from guardtune.errors import PolicyError
 from guardtune.resolve import ModelSource, resolve_model
-from guardtune.trust.fingerprint import fingerprint_records, model_configs, model_tensors
+from guardtune.rowranges import Ranges
+from guardtune.trust.fingerprint import (
+    fingerprint_records,
+    model_configs,
+    model_tensors,
+    record_rows_digest,
+)
 from guardtune.trust.policy import (
     SCHEMA_VERSION,
     FreezePolicy,
+    FrozenRows,
     FrozenShare,
     Provenance,
     parse_time,
@@ -95,24 +102,39 @@ def build_policy(
     frozen_names: Iterable[str],
     provenance: Provenance,
     expires_at: str | None = None,
+    frozen_rows: dict[str, Ranges] | None = None,
 ) -> FreezePolicy:
-    """An unsigned policy: the frozen list bound to the model's fingerprint (unknown: exit 4)."""
+    """An unsigned policy: the frozen tensors, and rows of others (`frozen_rows`, fully
+    qualified names -> row ranges), bound to the model's fingerprint (unknown: exit 4)."""
     records = model_tensors(source)
-    frozen = sorted(set(frozen_names))
-    if not frozen:
-        raise PolicyError("the mask freezes no tensor")
+    frozen = set(frozen_names)
     unet = {r.name: r for r in records["unet"]}
-    unknown = [n for n in frozen if n not in unet]
+    unknown = [n for n in sorted({*frozen, *(frozen_rows or {})}) if n not in unet]
     if unknown:
         raise PolicyError(
             f"mask names {unknown[0]}, which is not a UNet tensor of this model "
             f"({len(unknown)} unknown names)"
         )
+    rows = {}
+    for name, ranges in sorted((frozen_rows or {}).items()):
+        record = unet[name]
+        height = record.shape[0] if record.shape else 1
+        problem = rowranges.problem(ranges, height)
+        if problem is not None:
+            raise PolicyError(f"mask freezes rows of {name}: {problem}")
+        if name in frozen or rowranges.count(ranges) == height:
+            frozen.add(name)  # every row: the tensor is frozen whole
+            continue
+        rows[name] = FrozenRows(height, tuple(ranges), record_rows_digest(record, ranges))
+    if not frozen and not rows:
+        raise PolicyError("the mask freezes no tensor")
     return FreezePolicy(
-        schema_version=SCHEMA_VERSION,
+        # The lowest schema that says it: per-tensor policies stay readable by older versions.
+        schema_version=SCHEMA_VERSION if rows else 2,
         model={name: fingerprint_records(part) for name, part in records.items()},
-        frozen_tensors=tuple(frozen),
-        frozen_share=FrozenShare.of({name: r.numel for name, r in unet.items()}, frozen),
+        frozen_tensors=tuple(sorted(frozen)),
+        frozen_share=FrozenShare.of({name: r.numel for name, r in unet.items()}, frozen, rows),
+        frozen_rows=rows,
         provenance=Provenance(
             provenance.method,
             provenance.hyperparameters,
@@ -140,6 +162,7 @@ class SignedPolicy:
     frozen_share_parameters: float
     frozen_share_tensors: float
     signers: tuple[str, ...]  # key ids, in signing order
+    tensors_in_part: int = 0  # tensors of which the policy freezes some rows (schema 3)
 
 
 def sign_policy(
@@ -149,13 +172,16 @@ def sign_policy(
     keys: list[PrivateKey],
     out: Path,
     expires_at: str | None = None,
+    frozen_rows: dict[str, Ranges] | None = None,
 ) -> SignedPolicy:
-    """Bind `frozen_names` to the model's fingerprint, sign with every key, write to `out`."""
-    policy = build_policy(source, frozen_names, provenance, expires_at)
+    """Bind `frozen_names` (and `frozen_rows`) to the model's fingerprint, sign with every key,
+    write to `out`."""
+    policy = build_policy(source, frozen_names, provenance, expires_at, frozen_rows)
     sign_policy_file(policy, keys, out)
     share = policy.frozen_share
     signers = tuple(key_id(k.public_key()) for k in keys)
-    return SignedPolicy(out, len(policy.frozen_tensors), share.parameters, share.tensors, signers)
+    return SignedPolicy(out, len(policy.frozen_tensors), share.parameters, share.tensors, signers,
+                        len(policy.frozen_rows))  # fmt: skip
 
 
 def sign_mask(

@@ -27,6 +27,7 @@ from guardtune.contract import COMPONENTS
 from guardtune.errors import DataError, ModelMismatchError
 from guardtune.ldm import is_ldm_checkpoint, ldm_components
 from guardtune.resolve import ModelSource, resolve_folder
+from guardtune.rowranges import Ranges
 from guardtune.tensorfile import (
     SAFETENSORS_TO_TORCH,
     TORCH_TO_SAFETENSORS,
@@ -64,6 +65,45 @@ def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: memoryview 
     digest.update(f"{name}\x00{dtype}\x00{','.join(map(str, shape))}\x00".encode())
     digest.update(data)
     return digest.hexdigest()
+
+
+ROWS_ALGORITHM = "sha256-rows-v1"
+_ROWS_DOMAIN = b"guardtune-rows-v1\x00"
+
+
+def rows_digest(
+    name: str, dtype: str, shape: tuple[int, ...], ranges: Ranges, data: memoryview | bytes
+) -> str:
+    """sha256 of the frozen rows of one tensor: its name, dtype, shape, the ranges, then the
+    bytes of each range in order. `data` is the whole tensor's row-major bytes, so a range of
+    rows is one contiguous slice of it (read zero-copy from an mmap)."""
+    height = shape[0] if shape else 1
+    row_bytes = len(data) // height if height else 0
+    spans = ";".join(f"{start}-{stop}" for start, stop in ranges)
+    digest = hashlib.sha256(_ROWS_DOMAIN)
+    digest.update(f"{name}\x00{dtype}\x00{','.join(map(str, shape))}\x00{spans}\x00".encode())
+    view = memoryview(data)
+    for start, stop in ranges:
+        digest.update(view[start * row_bytes : stop * row_bytes])
+    return digest.hexdigest()
+
+
+def record_rows_digest(record: TensorRecord, ranges: Ranges, name: str | None = None) -> str:
+    """`rows_digest` of a tensor in a safetensors file, under `name` (default its own)."""
+    with mapped({record.path}) as views:
+        data = views[record.path][record.start : record.end]
+        try:
+            return rows_digest(name or record.name, record.dtype, record.shape, ranges, data)
+        finally:
+            data.release()
+
+
+def tensor_rows_digest(name: str, tensor: torch.Tensor, dtype: str, ranges: Ranges) -> str:
+    """`rows_digest` of an in-memory tensor, cast to the stored `dtype` first (exact for the
+    upcast weights training holds)."""
+    stored = tensor.detach().to("cpu", SAFETENSORS_TO_TORCH[dtype]).contiguous()
+    raw = stored.reshape(-1).view(torch.uint8).numpy()
+    return rows_digest(name, dtype, tuple(stored.shape), ranges, raw.data)
 
 
 def root_digest(tensors: dict[str, str]) -> str:

@@ -1,8 +1,9 @@
 """The freeze policy: the signed value a publisher ships beside a model.
 
 `FreezePolicy` says which tensors must stay frozen (fully qualified names such as
-`unet.down_blocks.0.attentions.0.proj_in.weight`), binds them to the exact weights through the
-model fingerprint, and records how it was made. It is a frozen dataclass with canonical JSON
+`unet.down_blocks.0.attentions.0.proj_in.weight`) and, from schema 3, which rows (output
+channels) of other tensors (`FrozenRows`), binds them to the exact weights through the model
+fingerprint, and records how it was made. It is a frozen dataclass with canonical JSON
 (sorted keys, fixed separators: identical inputs give identical bytes) and a strict parser: an
 unknown, missing or mistyped field is a PolicyError (exit 4). The JSON Schema shipped in the
 package (`json_schema()`) describes the same format for other tools.
@@ -21,13 +22,17 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
+from guardtune import rowranges
 from guardtune.errors import PolicyError
+from guardtune.rowranges import Ranges
 from guardtune.trust.fingerprint import ALGORITHM, ComponentFingerprint, ModelBinding, root_digest
 
-# What `publish` and `policy sign` write. Schema 2 adds `configs`, the binding of every
-# configuration file the loader parses; schema 1 policies (tensors only) still verify, and say so.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# The newest schema. Schema 2 adds `configs`, the binding of every configuration file the
+# loader parses; schema 3 adds `frozen_rows`, tensors frozen in part. A policy is written in the
+# lowest schema that can say it (a per-tensor policy stays schema 2, which older guardtune
+# versions read); schema 1 policies (tensors only) still verify, and say so.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def json_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
@@ -40,18 +45,48 @@ PAYLOAD_TYPE = "application/vnd.guardtune.freeze-policy+json"
 
 
 @dataclass(frozen=True)
+class FrozenRows:
+    """Part of one tensor that must stay frozen: rows (dim 0, output channels) of `height`.
+
+    `digest` is the sha256-rows-v1 digest of exactly those rows as stored (`rows_digest`), so
+    the guard and `audit` check them without reading the base again. The ranges never cover
+    every row: a tensor frozen whole is listed in `frozen_tensors`.
+    """
+
+    height: int
+    ranges: Ranges
+    digest: str
+
+    @property
+    def count(self) -> int:
+        return rowranges.count(self.ranges)
+
+
+@dataclass(frozen=True)
 class FrozenShare:
-    """How much of the UNet the policy freezes, by parameter count and by tensor count."""
+    """How much of the UNet the policy freezes, by parameter count and by tensor count (a
+    tensor frozen in part counts as the share of its rows)."""
 
     parameters: float
     tensors: float
 
     @classmethod
-    def of(cls, numel: dict[str, int], frozen: Iterable[str]) -> FrozenShare:
-        """The share `frozen` is of the UNet tensors in `numel` (rounded as signed: 6 places)."""
+    def of(
+        cls,
+        numel: dict[str, int],
+        frozen: Iterable[str],
+        rows: dict[str, FrozenRows] | None = None,
+    ) -> FrozenShare:
+        """The share `frozen` (and `rows`) is of the UNet tensors in `numel` (6 places)."""
         frozen = set(frozen)
-        parameters = sum(numel.get(name, 0) for name in frozen) / max(1, sum(numel.values()))
-        return cls(round(parameters, 6), round(len(frozen) / max(1, len(numel)), 6))
+        parts = {n: r.count / r.height for n, r in (rows or {}).items() if n not in frozen}
+        parameters: float = sum(numel.get(name, 0) for name in frozen)
+        parameters += sum(numel.get(name, 0) * part for name, part in parts.items())
+        tensors = len(frozen) + sum(parts.values())
+        return cls(
+            round(parameters / max(1, sum(numel.values())), 6),
+            round(tensors / max(1, len(numel)), 6),
+        )
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,8 @@ class FreezePolicy:
     # Schema 2: sha256 of each configuration file by its name in the model folder; None where
     # not bound (every schema 1 policy, and a policy made for a single .safetensors file).
     configs: dict[str, str] | None = None
+    # Schema 3: tensors frozen in part, by name (none of them in frozen_tensors).
+    frozen_rows: dict[str, FrozenRows] = field(default_factory=dict)
 
     @property
     def binding(self) -> ModelBinding:
@@ -104,6 +141,12 @@ class FreezePolicy:
         }
         if self.schema_version >= 2:
             fields["configs"] = self.configs
+        if self.schema_version >= 3:
+            fields["frozen_rows"] = {
+                name: {"height": r.height, "ranges": [list(p) for p in r.ranges],
+                       "digest": r.digest}
+                for name, r in self.frozen_rows.items()
+            }  # fmt: skip
         return fields
 
     def to_json(self) -> bytes:
@@ -122,7 +165,8 @@ class FreezePolicy:
 
     @property
     def frozen_components(self) -> tuple[str, ...]:
-        return tuple(sorted({name.split(".", 1)[0] for name in self.frozen_tensors}))
+        names = [*self.frozen_tensors, *self.frozen_rows]
+        return tuple(sorted({name.split(".", 1)[0] for name in names}))
 
 
 # ----------------------------------------------------------------------------- strict parsing
@@ -229,7 +273,11 @@ def policy_from_dict(raw: Any) -> FreezePolicy:
             f"(this guardtune reads {', '.join(map(str, READABLE_VERSIONS))})",
             hint="upgrade guardtune",
         )
-    required = _TOP_FIELDS | ({"configs": (dict, type(None))} if version == 2 else {})
+    required = dict(_TOP_FIELDS)
+    if version in (2, 3):
+        required["configs"] = (dict, type(None))
+    if version == 3:
+        required["frozen_rows"] = dict
     top = _fields(raw, "policy", required)
     model: dict[str, ComponentFingerprint] = {}
     if not top["model"]:
@@ -259,6 +307,7 @@ def policy_from_dict(raw: Any) -> FreezePolicy:
     for tensor_name in frozen:
         if tensor_name not in known:
             raise PolicyError(f"policy freezes {tensor_name}, which the model fingerprint lacks")
+    rows = _frozen_rows(top.get("frozen_rows", {}), known, set(frozen))
     share = _fields(
         top["frozen_share"],
         "policy.frozen_share",
@@ -290,7 +339,31 @@ def policy_from_dict(raw: Any) -> FreezePolicy:
         created_at=top["created_at"],
         expires_at=top["expires_at"],
         configs=_configs(top.get("configs")),
+        frozen_rows=rows,
     )
+
+
+def _frozen_rows(value: dict[str, Any], known: set[str], whole: set[str]) -> dict[str, FrozenRows]:
+    """Tensors frozen in part: known tensors, not also frozen whole, with canonical ranges."""
+    rows = {}
+    for name, entry in sorted(value.items()):
+        where = f"policy.frozen_rows[{name}]"
+        if name not in known:
+            raise PolicyError(f"policy freezes rows of {name}, which the model fingerprint lacks")
+        if name in whole:
+            raise PolicyError(f"{where}: {name} is frozen whole and in part")
+        entry = _fields(entry, where, {"height": int, "ranges": list, "digest": str})
+        height = entry["height"]
+        if height < 1:
+            raise PolicyError(f"{where}.height must be at least 1")
+        problem = rowranges.problem(entry["ranges"], height)
+        if problem is not None:
+            raise PolicyError(f"{where}.ranges: {problem}")
+        ranges = tuple((start, stop) for start, stop in entry["ranges"])
+        if rowranges.count(ranges) == height:
+            raise PolicyError(f"{where} covers every row; list {name} in frozen_tensors")
+        rows[name] = FrozenRows(height, ranges, _hex_digest(entry["digest"], f"{where}.digest"))
+    return rows
 
 
 def _configs(value: dict[str, Any] | None) -> dict[str, str] | None:

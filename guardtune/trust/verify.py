@@ -24,6 +24,7 @@ from guardtune.trust.fingerprint import (
     fingerprint_components,
     model_configs,
     model_tensors,
+    record_rows_digest,
 )
 from guardtune.trust.keys import load_trusted
 from guardtune.trust.policy import FreezePolicy, FrozenShare, parse_time
@@ -46,6 +47,7 @@ class VerifiedPolicy:
             len(self.policy.frozen_tensors), self.policy.frozen_share.parameters,
             self.policy.expires_at, self.policy.schema_version,
             len(self.policy.configs) if self.policy.configs is not None else None,
+            len(self.policy.frozen_rows),
         )  # fmt: skip
 
 
@@ -62,6 +64,7 @@ class VerificationSummary:
     expires_at: str | None
     schema_version: int
     bound_configs: int | None  # configuration files bound; None: not bound
+    tensors_in_part: int = 0  # tensors of which only some rows are frozen
 
 
 def default_policy_path(source: ModelSource) -> Path:
@@ -116,13 +119,24 @@ def _check_frozen(policy: FreezePolicy, unet_records: list[TensorRecord], path: 
     unet = policy.model.get("unet")
     if unet is None:
         raise PolicyError(f"policy {path.name} does not fingerprint a UNet")
-    outside = [n for n in policy.frozen_tensors if n not in unet.tensors]
+    outside = [n for n in [*policy.frozen_tensors, *policy.frozen_rows] if n not in unet.tensors]
     if outside:
         raise PolicyError(f"policy {path.name} freezes {outside[0]}, which is not a UNet tensor")
-    numel = {r.name: r.numel for r in unet_records}
+    records = {r.name: r for r in unet_records}
+    numel = {name: r.numel for name, r in records.items()}
     if set(numel) != set(unet.tensors):  # another model: the fingerprint says which tensor
         return
-    actual, share = FrozenShare.of(numel, policy.frozen_tensors), policy.frozen_share
+    for name, rows in policy.frozen_rows.items():
+        # The row digests are what the guard and audit compare against: they must be this
+        # model's rows, not merely well-formed (the tensor digest binds the whole tensor).
+        record = records[name]
+        height = record.shape[0] if record.shape else 1
+        if rows.height != height or record_rows_digest(record, rows.ranges) != rows.digest:
+            raise PolicyError(
+                f"policy {path.name} freezes rows of {name} that are not this model's rows"
+            )
+    actual = FrozenShare.of(numel, policy.frozen_tensors, policy.frozen_rows)
+    share = policy.frozen_share
     if (
         abs(share.parameters - actual.parameters) > 1e-6
         or abs(share.tensors - actual.tensors) > 1e-6

@@ -42,7 +42,12 @@ def test_shipped_policy_is_the_learned_one_for_the_documented_scenario(tmp_path)
     verified = verify_policy("digits", trusted_files=[POLICY_PUBLIC], use_trust_dirs=False)
     provenance = verified.policy.provenance
     assert provenance.method == "freezeasguard"
-    assert provenance.hyperparameters == {**LearnerConfig().__dict__, "ratio": POLICY_RATIO}
+    expected = {**LearnerConfig().__dict__, "ratio": POLICY_RATIO}
+    # Learned before the channel and horizon options existed; their defaults are that learner.
+    unrecorded = set(expected) - set(provenance.hyperparameters)
+    assert unrecorded <= {"granularity", "horizon"}
+    assert LearnerConfig().granularity == "tensor" and LearnerConfig().horizon is None
+    assert provenance.hyperparameters == {k: v for k, v in expected.items() if k not in unrecorded}
     assert abs(verified.policy.frozen_share.parameters - POLICY_RATIO) < 0.02
     illegal = export_digits(tmp_path / "illegal", POLICY_ILLEGAL, "train").out
     legal = export_digits(tmp_path / "legal", BASE_CLASSES, "train", "bold").out

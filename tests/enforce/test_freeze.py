@@ -16,7 +16,8 @@ def test_exactly_the_unfrozen_unet_parameters_train(policy_and_unet):
     policy, unet = policy_and_unet
     frozen = frozen_unet_names(policy)
     assert frozen == {n.removeprefix("unet.") for n in FROZEN}
-    summary = freeze_for_training(unet, frozen)
+    summary, hold = freeze_for_training(unet, frozen)
+    assert hold.parameters == 0  # a per-tensor policy holds no rows
     for name, parameter in unet.named_parameters():
         assert parameter.requires_grad == (name not in frozen), name
     assert summary.frozen_tensors == 3

@@ -9,7 +9,7 @@ import pytest
 
 from guardtune.cli import app
 from guardtune.digits.dataset import export_digits
-from guardtune.evaluate.defenses import METHODS
+from guardtune.evaluate.defenses import DEFAULT_METHODS as METHODS
 from guardtune.evaluate.run import Measurement, Task, summarise
 from tests.conftest import combined_output
 
@@ -158,3 +158,13 @@ def test_without_a_scorer_the_held_out_loss_rise_is_the_measure():
     summary = {r.method: r for r in summarise(rows, ("full", "blocks"), [task], [5], False)}
     assert summary["blocks"].metric == "held_out_loss"
     assert summary["blocks"].versus_full == pytest.approx(0.5)  # 50% more loss than full
+
+
+def test_crossing_says_how_long_a_defence_holds():
+    from guardtune.evaluate.run import crossing
+
+    steps = [50, 100, 200, 400]
+    assert crossing(steps, [0.45, 0.57, 0.34, 0.19]) == pytest.approx(200 + 200 * 0.14 / 0.15)
+    assert crossing(steps, [0.45, 0.57, 0.34, 0.25]) is None  # holds at every budget
+    assert crossing(steps, [0.1, 0.57, 0.34, 0.25]) == 50  # below from the first budget
+    assert crossing(steps, [0.3, 0.2, 0.1, 0.0]) == 100  # reaches 0.2 at 100, below after

@@ -118,6 +118,24 @@ def test_policy_parser_refuses_or_returns_a_policy_that_round_trips(signed_setup
     _check_policy(envelope.payload)
 
 
+def _with_rows(valid: dict) -> dict:
+    """A schema 3 policy: rows of two tensors frozen beside the whole ones (digests made up:
+    the parser checks their form; verification checks them against the model)."""
+    unfrozen = [n for n in valid["model"]["unet"]["tensors"] if n not in valid["frozen_tensors"]]
+    rows = {name: {"height": 8, "ranges": [[0, 2], [5, 7]], "digest": "ab" * 32}
+            for name in unfrozen[:2]}  # fmt: skip
+    return valid | {"schema_version": 3, "frozen_rows": rows}
+
+
+@timeout(0.5)
+@fuzz()
+@given(data=st.data())
+def test_a_rows_policy_parses_or_is_refused(signed_setup, data):
+    valid = _with_rows(signed_setup["policy"].to_dict())
+    assert FreezePolicy.from_json(dumps(valid).encode()).frozen_rows  # the seed parses
+    _check_policy(data.draw(mutated_policies(valid), label="payload"))
+
+
 @timeout(1.0)
 @fuzz(deadline=None)
 @given(data=st.data())

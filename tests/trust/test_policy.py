@@ -33,7 +33,7 @@ def test_policy_records_what_it_freezes(policy):
 
 
 def test_payload_matches_the_published_json_schema(policy):
-    schema = json_schema()
+    schema = json_schema(policy.schema_version)
     jsonschema.validate(json.loads(policy.to_json()), schema)
     broken = json.loads(policy.to_json()) | {"surprise": 1}
     with pytest.raises(jsonschema.ValidationError):
