@@ -7,6 +7,7 @@ per-class share judged correct, which the embedded build, `evaluate` and the ben
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,30 +53,43 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (out * gain).clamp(0.0, 1.0)
 
 
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    epochs: int,
+    generator: torch.Generator,
+    max_lr: float,
+) -> None:
+    """The yardsticks' training loop: AdamW under a one-cycle schedule, batches of 64 drawn
+    in a seeded order, each augmented; leaves the model in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    batch_size = 64
+    steps_per_epoch = -(-len(labels) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=epochs * steps_per_epoch
+    )
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(model(augment(images[idx], generator)), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+
+
 def train_classifier(epochs: int = 30, seed: int = 0) -> tuple[DigitClassifier, float]:
     """Train on the train split of all ten classes; return it with its held-out accuracy."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train = load_digits(tuple(range(10)), "train")
     model = DigitClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    batch_size = 64
-    steps_per_epoch = -(-len(train) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=3e-3, total_steps=epochs * steps_per_epoch
-    )
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            logits = model(_augment(train.images[idx], generator))
-            loss = F.cross_entropy(logits, train.labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
+    fit(model, train.images, train.labels, _augment, epochs, generator, max_lr=3e-3)
     return model, held_out_accuracy(model)
 
 

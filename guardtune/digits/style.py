@@ -22,7 +22,7 @@ from torch import nn
 
 from guardtune import atomic
 from guardtune.contract import ASSETS_DIR
-from guardtune.digits.classifier import to_classifier_input
+from guardtune.digits.classifier import fit, to_classifier_input
 from guardtune.digits.dataset import STYLES, apply_style, load_digits
 
 ASSET = ASSETS_DIR / "style_classifier.safetensors"
@@ -103,23 +103,7 @@ def train_style_classifier(
         keep = torch.randperm(len(labels), generator=generator)[:max_images]
         images, labels = images[keep], labels[keep]
     model = StyleClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    batch_size = 64
-    steps_per_epoch = -(-len(labels) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=4e-3, total_steps=epochs * steps_per_epoch
-    )
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(model(_augment(images[idx], generator)), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
+    fit(model, images, labels, _augment, epochs, generator, max_lr=4e-3)
     return model, held_out_style_accuracy(model)
 
 
