@@ -31,6 +31,7 @@ from guardtune import atomic
 from guardtune.data import FolderScan, ImageCaptionDataset, scan_folder
 from guardtune.distributed import is_main_process
 from guardtune.errors import DataError
+from guardtune.evaluate.defenses import COMBINED  # the method evaluate compares it as
 from guardtune.learn.binarize import SHARE_BY, fill_to_share, random_scores, share_weights
 from guardtune.learn.freezeasguard import GRANULARITIES, LearnerConfig, RoundLog, learn_mask
 from guardtune.models import encoders, load_pipeline
@@ -45,7 +46,6 @@ from guardtune.trust.policy import Provenance
 from guardtune.trust.signing import PrivateKey
 from guardtune.trust.verify import policy_output_path
 
-COMBINED = "freezeasguard+uce"
 METHODS = ("freezeasguard", "random", COMBINED)
 
 

@@ -33,9 +33,9 @@ def count(ranges: Ranges) -> int:
     return sum(stop - start for start, stop in ranges)
 
 
-def rows(ranges: Ranges) -> list[int]:
-    """Every row the ranges cover, in order."""
-    return [row for start, stop in ranges for row in range(start, stop)]
+def height(shape: Sequence[int]) -> int:
+    """How many rows a tensor of `shape` has: its size along dim 0 (a 0-d tensor is one row)."""
+    return shape[0] if len(shape) else 1
 
 
 def problem(ranges: Sequence[Sequence[int]], height: int | None = None) -> str | None:

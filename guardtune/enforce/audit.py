@@ -397,6 +397,9 @@ def _compare_rows(
         and record_rows_digest(derivative, rows.ranges, name) == rows.digest
     ):
         return "identical", ""
+    not_float = _not_float(base, derivative)
+    if not_float:
+        return "changed", not_float
     before, after = load_record(base), load_record(derivative)
     if not before.dim():
         before, after = before.reshape(1), after.reshape(1)
@@ -411,25 +414,32 @@ def compare_values(base: TensorRecord, derivative: TensorRecord) -> tuple[str, s
     """identical | lossless | cast | changed, and a human description, for one tensor."""
     if base.shape != derivative.shape:
         return "changed", f"shape {list(derivative.shape)}, base {list(base.shape)}"
+    not_float = _not_float(base, derivative)
+    if not_float:
+        return "changed", not_float
+    return compare_tensors(load_record(base), load_record(derivative), base.dtype, derivative.dtype)
+
+
+def _not_float(base: TensorRecord, derivative: TensorRecord) -> str | None:
+    """Why a derivative's tensor cannot hold a floating-point base's values, or None.
+
+    Asked before anything is loaded: an unknown dtype is not read at all. Cast back, integers
+    and booleans equal the base only where it held whole numbers: a loader would read them as
+    values, not as a rounding of the base.
+    """
     stored = SAFETENSORS_TO_TORCH.get(derivative.dtype)
     if SAFETENSORS_TO_TORCH[base.dtype].is_floating_point and not (
         stored is not None and stored.is_floating_point
     ):
-        # Cast back, integers and booleans equal the base only where it held whole numbers:
-        # a loader would read them as values, not as a rounding of the base.
-        return "changed", f"stored as {derivative.dtype}, not a floating-point type"
-    return compare_tensors(load_record(base), load_record(derivative), base.dtype, derivative.dtype)
+        return f"stored as {derivative.dtype}, not a floating-point type"
+    return None
 
 
 def compare_tensors(
     before: torch.Tensor, after: torch.Tensor, base_dtype: str, derivative_dtype: str
 ) -> tuple[str, str]:
-    """`compare_values` on loaded values (the base's, the derivative's) of equal shape."""
-    stored = SAFETENSORS_TO_TORCH.get(derivative_dtype)
-    if SAFETENSORS_TO_TORCH[base_dtype].is_floating_point and not (
-        stored is not None and stored.is_floating_point
-    ):
-        return "changed", f"stored as {derivative_dtype}, not a floating-point type"
+    """`compare_values` on loaded values (the base's, the derivative's) of equal shape and of
+    types `_not_float` accepts."""
     if before.dtype == after.dtype:
         if _same_bytes(before, after):
             return "identical", ""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from guardtune.errors import PolicyError
-from guardtune.rowranges import Ranges
+from guardtune.rowranges import Ranges, height
 from guardtune.trust.policy import FreezePolicy
 
 # diffusers' LoRA training scripts target these attention projections.
@@ -75,11 +75,11 @@ class RowHold:
         self.held = []
         for name, ranges in sorted(rows.items()):
             parameter = parameters[name]
-            height = parameter.shape[0] if parameter.dim() else 1
-            if ranges and ranges[-1][1] > height:
-                raise PolicyError(f"policy freezes rows of {name} past its {height} rows")
+            rows_in = height(parameter.shape)
+            if ranges and ranges[-1][1] > rows_in:
+                raise PolicyError(f"policy freezes rows of {name} past its {rows_in} rows")
             saved = [parameter.detach()[start:stop].clone() for start, stop in ranges]
-            self.held.append((name, parameter, ranges, saved))
+            self.held.append((parameter, ranges, saved))
 
     @property
     def parameters(self) -> int:
@@ -88,14 +88,14 @@ class RowHold:
 
     @torch.no_grad()
     def before_step(self) -> None:
-        for _, parameter, ranges, _ in self.held:
+        for parameter, ranges, _ in self.held:
             if parameter.grad is not None:
                 for start, stop in ranges:
                     parameter.grad[start:stop].zero_()
 
     @torch.no_grad()
     def after_step(self) -> None:
-        for _, parameter, ranges, saved in self.held:
+        for parameter, ranges, saved in self.held:
             for (start, stop), values in zip(ranges, saved, strict=True):
                 parameter[start:stop].copy_(values)
 

@@ -77,10 +77,12 @@ class FrozenDigests:
                     f"frozen rows of {name} changed during training",
                     hint="nothing was written; report this, it is a bug or tampering",
                 )
-            for adapter, values in state.items():
-                if not (adapter.startswith(f"{owner}.lora_B.") and leaf == "weight"):
-                    continue
-                if any(values[a:b].detach().count_nonzero() for a, b in rows.ranges):
+            adapters = (
+                [n for n in state if n.startswith(f"{owner}.lora_B.")] if leaf == "weight" else []
+            )
+            for adapter in adapters:
+                values = state[adapter].detach()
+                if any(values[a:b].count_nonzero() for a, b in rows.ranges):
                     raise IntegrityError(
                         f"LoRA adapter {adapter} reaches frozen rows of {name}",
                         hint="nothing was written; report this, it is a bug or tampering",

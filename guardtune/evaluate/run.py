@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,9 +50,13 @@ from guardtune.evaluate.uce import uce_edit
 from guardtune.generate import sample_images
 from guardtune.models import encoders, load_pipeline
 from guardtune.resolve import ModelSource, resolve_model
+from guardtune.rowranges import height
 from guardtune.training.encode import EncodedData
 from guardtune.training.progress import StepReporter, track
 from guardtune.training.rundir import RUN_CONFIG
+
+if TYPE_CHECKING:
+    from guardtune.trust.fingerprint import ComponentFingerprint
 
 
 @dataclass(frozen=True)
@@ -295,16 +299,25 @@ def evaluate(
     evaluation starts (the latest evaluation's, as the plot is).
     """
     started = time.perf_counter()
-    _check(illegal, legal, config)
+    _check(illegal, legal, config, combined)
     source = resolve_model(model, model_config)
     scorer_spec = config.scorer
     if scorer_spec == "auto":
         scorer_spec = "digits" if source.kind == "embedded" else "loss"
     scorer: Scorer | None = make_scorer(scorer_spec)
-    policy_defense, policy_label, model_root = _verify(source, policy, trusted, config.methods)
+    base_fingerprint = None
+    if COMBINED in config.methods:  # the base, hashed once for both checks below
+        from guardtune.trust.fingerprint import fingerprint_model
+
+        base_fingerprint = fingerprint_model(source)
+    policy_defense, policy_label, model_root = _verify(
+        source, policy, trusted, config.methods, base_fingerprint
+    )
     combined_defense, combined_label = None, None
-    if COMBINED in config.methods:
-        combined_defense, combined_label = _verify_combined(source, combined, trusted)
+    if combined is not None and base_fingerprint is not None:
+        combined_defense, combined_label = _verify_combined(
+            source, combined, trusted, base_fingerprint
+        )
 
     from diffusers import DDPMScheduler
 
@@ -316,7 +329,7 @@ def evaluate(
     resolution = unet.config.sample_size * pipeline.vae_scale_factor
     tasks = load_tasks(pipeline, illegal, legal, config.held_out_every, resolution)
     numel = {n: p.numel() for n, p in unet.named_parameters()}
-    heights = {n: p.shape[0] if p.dim() else 1 for n, p in unet.named_parameters()}
+    heights = {n: height(p.shape) for n, p in unet.named_parameters()}
     share = config.ratio
     if share is None:
         share = policy_defense.frozen_share(numel, heights) if policy_defense else 0.3
@@ -388,7 +401,9 @@ def evaluate(
     return result
 
 
-def _check(illegal: list[Path], legal: list[Path], config: EvaluateConfig) -> None:
+def _check(
+    illegal: list[Path], legal: list[Path], config: EvaluateConfig, combined: Path | None
+) -> None:
     """Refuse a request that cannot run, before anything is loaded."""
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown or not config.methods:
@@ -402,10 +417,16 @@ def _check(illegal: list[Path], legal: list[Path], config: EvaluateConfig) -> No
         raise DataError("--user-steps must be positive, --seeds and --samples at least 1")
     if config.ratio is not None and not 0 < config.ratio < 1:
         raise DataError("--ratio must be in (0, 1)")
+    if COMBINED in config.methods and combined is None:
+        raise DataError(f"{COMBINED} needs the edited model", hint="pass --combined-model")
 
 
 def _verify(
-    source: ModelSource, policy: Path | None, trusted: tuple[Path, ...], methods: tuple[str, ...]
+    source: ModelSource,
+    policy: Path | None,
+    trusted: tuple[Path, ...],
+    methods: tuple[str, ...],
+    base_fingerprint: dict[str, ComponentFingerprint] | None = None,
 ) -> tuple[Defense | None, str | None, str]:
     """What the policy freezes (whole and in part), its path, and the root digest of the UNet
     (the journal's key).
@@ -416,7 +437,8 @@ def _verify(
     if "freezeasguard" not in methods:
         from guardtune.trust.fingerprint import fingerprint_model
 
-        return None, None, fingerprint_model(source, ("unet",))["unet"].root
+        found = base_fingerprint or fingerprint_model(source, ("unet",))
+        return None, None, found["unet"].root
     from guardtune.enforce.freeze import frozen_unet_names, frozen_unet_rows
     from guardtune.trust.verify import verify_policy
 
@@ -431,22 +453,22 @@ def _verify(
 
 
 def _verify_combined(
-    base: ModelSource, folder: Path | None, trusted: tuple[Path, ...]
+    base: ModelSource,
+    folder: Path,
+    trusted: tuple[Path, ...],
+    ours: dict[str, ComponentFingerprint],
 ) -> tuple[Defense, str]:
     """The combined defence as published: the edited model folder, its verified policy beside
     it, and a check that it is an edit of this base's UNet alone (its other components are the
     base's, tensor for tensor), so that it is compared with the other methods on equal terms."""
     from guardtune.enforce.freeze import frozen_unet_names, frozen_unet_rows
     from guardtune.tensorfile import load_record
-    from guardtune.trust.fingerprint import fingerprint_model, model_tensors
+    from guardtune.trust.fingerprint import model_tensors
     from guardtune.trust.verify import verify_policy
 
-    if folder is None:
-        raise DataError(f"{COMBINED} needs the edited model", hint="pass --combined-model")
     edited = resolve_model(str(folder))
     verified = verify_policy(edited, None, trusted)
     policy = verified.policy
-    ours = fingerprint_model(base)
     if set(ours) != set(policy.model):
         raise DataError(f"{folder} is not an edit of {base.label}: its components differ")
     for component, fingerprint in ours.items():

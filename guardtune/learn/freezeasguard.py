@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from guardtune import atomic
 from guardtune.errors import DataError
 from guardtune.learn.binarize import freeze_top, freeze_top_rows
-from guardtune.rowranges import Ranges
+from guardtune.rowranges import Ranges, height
 from guardtune.tensorfile import read_header
 from guardtune.training.loss import draw_noise, pose, predict
 
@@ -148,8 +148,7 @@ class _Units:
 
     def __init__(self, params: list[torch.Tensor], by_row: bool) -> None:
         self.by_row = by_row
-        # A 0-d tensor has no dim 0: it is one row.
-        self.rows = [(p.shape[0] if p.dim() else 1) if by_row else 1 for p in params]
+        self.rows = [height(p.shape) if by_row else 1 for p in params]
         # Tensor i's units are [start[i], start[i + 1]).
         self.start = list(itertools.accumulate(self.rows, initial=0))
         self.count = self.start[-1]

@@ -118,14 +118,14 @@ def build_policy(
     rows = {}
     for name, ranges in sorted((frozen_rows or {}).items()):
         record = unet[name]
-        height = record.shape[0] if record.shape else 1
-        problem = rowranges.problem(ranges, height)
+        rows_in = rowranges.height(record.shape)
+        problem = rowranges.problem(ranges, rows_in)
         if problem is not None:
             raise PolicyError(f"mask freezes rows of {name}: {problem}")
-        if name in frozen or rowranges.count(ranges) == height:
+        if name in frozen or rowranges.count(ranges) == rows_in:
             frozen.add(name)  # every row: the tensor is frozen whole
             continue
-        rows[name] = FrozenRows(height, tuple(ranges), record_rows_digest(record, ranges))
+        rows[name] = FrozenRows(rows_in, tuple(ranges), record_rows_digest(record, ranges))
     if not frozen and not rows:
         raise PolicyError("the mask freezes no tensor")
     return FreezePolicy(

@@ -27,7 +27,7 @@ from guardtune.contract import COMPONENTS
 from guardtune.errors import DataError, ModelMismatchError
 from guardtune.ldm import is_ldm_checkpoint, ldm_components
 from guardtune.resolve import ModelSource, resolve_folder
-from guardtune.rowranges import Ranges
+from guardtune.rowranges import Ranges, height
 from guardtune.tensorfile import (
     SAFETENSORS_TO_TORCH,
     TORCH_TO_SAFETENSORS,
@@ -67,7 +67,6 @@ def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: memoryview 
     return digest.hexdigest()
 
 
-ROWS_ALGORITHM = "sha256-rows-v1"
 _ROWS_DOMAIN = b"guardtune-rows-v1\x00"
 
 
@@ -77,8 +76,8 @@ def rows_digest(
     """sha256 of the frozen rows of one tensor: its name, dtype, shape, the ranges, then the
     bytes of each range in order. `data` is the whole tensor's row-major bytes, so a range of
     rows is one contiguous slice of it (read zero-copy from an mmap)."""
-    height = shape[0] if shape else 1
-    row_bytes = len(data) // height if height else 0
+    rows = height(shape)
+    row_bytes = len(data) // rows if rows else 0
     spans = ";".join(f"{start}-{stop}" for start, stop in ranges)
     digest = hashlib.sha256(_ROWS_DOMAIN)
     digest.update(f"{name}\x00{dtype}\x00{','.join(map(str, shape))}\x00{spans}\x00".encode())

@@ -37,7 +37,7 @@ def describe_policy(
     source = resolve_model(str(policy_path.parent) if beside.is_file() else model, model_config)
     numel = {r.name: r.numel for r in model_tensors(source, ("unet",))["unet"]}
     frozen = set(policy.frozen_tensors)
-    parts = {name: rows.count / rows.height for name, rows in policy.frozen_rows.items()}
+    parts = {name: rows.share for name, rows in policy.frozen_rows.items()}
     blocks = tuple(shares_by_block(numel, frozen, parts=parts))
     if plot is not None:
         title = f"Frozen by {policy_path.name}: {policy.frozen_share.parameters:.0%} of parameters"

@@ -61,6 +61,11 @@ class FrozenRows:
     def count(self) -> int:
         return rowranges.count(self.ranges)
 
+    @property
+    def share(self) -> float:
+        """The part of the tensor frozen: frozen rows over all its rows."""
+        return self.count / self.height
+
 
 @dataclass(frozen=True)
 class FrozenShare:
@@ -79,7 +84,7 @@ class FrozenShare:
     ) -> FrozenShare:
         """The share `frozen` (and `rows`) is of the UNet tensors in `numel` (6 places)."""
         frozen = set(frozen)
-        parts = {n: r.count / r.height for n, r in (rows or {}).items() if n not in frozen}
+        parts = {n: r.share for n, r in (rows or {}).items() if n not in frozen}
         parameters: float = sum(numel.get(name, 0) for name in frozen)
         parameters += sum(numel.get(name, 0) * part for name, part in parts.items())
         tensors = len(frozen) + sum(parts.values())

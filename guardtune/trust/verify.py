@@ -18,6 +18,7 @@ from pathlib import Path
 from guardtune.contract import POLICY_FILE, read_small_file
 from guardtune.errors import DataError, PolicyError
 from guardtune.resolve import ModelSource, resolve_model
+from guardtune.rowranges import height
 from guardtune.tensorfile import TensorRecord
 from guardtune.trust.fingerprint import (
     compare_binding,
@@ -130,8 +131,10 @@ def _check_frozen(policy: FreezePolicy, unet_records: list[TensorRecord], path: 
         # The row digests are what the guard and audit compare against: they must be this
         # model's rows, not merely well-formed (the tensor digest binds the whole tensor).
         record = records[name]
-        height = record.shape[0] if record.shape else 1
-        if rows.height != height or record_rows_digest(record, rows.ranges) != rows.digest:
+        if (
+            rows.height != height(record.shape)
+            or record_rows_digest(record, rows.ranges) != rows.digest
+        ):
             raise PolicyError(
                 f"policy {path.name} freezes rows of {name} that are not this model's rows"
             )
