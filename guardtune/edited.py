@@ -38,8 +38,7 @@ def write_edited(source: ModelSource, weights: dict[str, torch.Tensor], out: Pat
         if tuple(tensor.shape) != tuple(stored[name].shape):
             raise DataError(f"the edit changes the shape of {name}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists and is not empty", hint="choose a new folder")
+    check_free(out)
     with atomic.staged_dir(out) as staging:
         for config in [
             manifest.index,
@@ -69,6 +68,12 @@ def write_edited(source: ModelSource, weights: dict[str, torch.Tensor], out: Pat
                 continue
             _copy_weights(part.weight_files, part.tensors, folder, stem, name)
     return resolve_model(str(out))
+
+
+def check_free(out: Path) -> None:
+    """Refuse to write an edited model over anything: `out` must be absent or an empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists and is not empty", hint="choose a new folder")
 
 
 def _copy_weights(files, records, folder: Path, stem: str, component: str) -> None:

@@ -155,6 +155,10 @@ def publish(
         raise DataError(f"{COMBINED} writes an edited model", hint="pass --edited-model-out")
     if method != COMBINED and edited_out is not None:
         raise DataError(f"--edited-model-out is for --method {COMBINED}")
+    if edited_out is not None:
+        from guardtune.edited import check_free
+
+        check_free(edited_out)  # before the edit and the learner run, not after them
     if method != COMBINED:
         target = policy_output_path(source, out)
     illegal_scan = _merge([scan_folder(p, caption_column) for p in illegal])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from guardtune.cli import app
@@ -161,6 +161,13 @@ def test_the_combined_defence_ships_an_edited_model_that_evaluate_compares(
     with pytest.raises(DataError, match="writes an edited model"):
         publish([folders[0]], [folders[1]], [key], str(model), method="freezeasguard+uce",
                 config=config, show_progress=False)  # fmt: skip
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("the user's")
+    with pytest.raises(DataError, match="occupied already exists and is not empty"):
+        publish([folders[0]], [folders[1]], [key], str(model), method="freezeasguard+uce",
+                config=config, show_progress=False, edited_out=occupied)  # fmt: skip
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     result = publish([folders[0]], [folders[1]], [key], str(model), method="freezeasguard+uce",
                      config=config, show_progress=False, edited_out=edited)  # fmt: skip
     assert result.policy == edited / "guardtune-policy.json"
@@ -192,6 +199,16 @@ def test_the_combined_defence_ships_an_edited_model_that_evaluate_compares(
     with pytest.raises(DataError, match=r"freezeasguard\+uce needs the edited model"):
         evaluate([folders[0]], [folders[1]], str(model), trusted=(pub,), config=tiny,
                  show_progress=False, workdir=tmp_path / "work")  # fmt: skip
+    # An edited model signed by a trusted key, but of another base, is not compared.
+    other = copy_model(tmp_path / "other")
+    vae = other / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(vae))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1e-3
+    save_file(tensors, str(vae))
+    with pytest.raises(DataError, match=r"edited is not an edit of .*other/model: its vae differs"):
+        evaluate([folders[0]], [folders[1]], str(other), trusted=(pub,), config=tiny,
+                 show_progress=False, workdir=tmp_path / "work2", combined=edited)  # fmt: skip
 
 
 def test_a_channel_mask_with_a_horizon_signs_a_rows_policy_that_verifies(runner, folders, tmp_path):
