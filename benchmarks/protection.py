@@ -31,6 +31,7 @@ through 25 DDIM steps: the full default plan takes many hours on two cores; --sp
 
     .venv/bin/python benchmarks/protection.py [--splits embedded,...] [--levers tensor,channel]
     .venv/bin/python benchmarks/protection.py --quick --splits embedded --levers tensor,channel
+    .venv/bin/python benchmarks/protection.py --tables-from runs/.../summary.json [...]
 """
 
 from __future__ import annotations
@@ -134,7 +135,21 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/benchmarks/protection"),
                         help="Data, policies and journals; a rerun resumes here.")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="Tiny settings, to test the script.")
+    parser.add_argument("--tables-from", nargs="+", type=Path, metavar="SUMMARY",
+                        help="Run nothing: print the tables of saved summary.json files, merged "
+                        "(a later file's split and method replace an earlier's).")  # fmt: skip
     args = parser.parse_args()
+    console = Console()
+    if args.tables_from:
+        merged: dict[str, dict] = {}
+        for path in args.tables_from:
+            for split, curves in json.loads(path.read_text()).items():
+                merged.setdefault(split, {}).update(curves)
+        order = [*BASELINES, *LEVERS]  # the baselines first, then the levers, as a run prints
+        merged = {split: dict(sorted(curves.items(), key=lambda item: order.index(item[0])))
+                  for split, curves in merged.items()}  # fmt: skip
+        print_tables(console, merged)
+        return
     splits = [s for s in args.splits.split(",") if s]
     levers = [x for x in args.levers.split(",") if x]
     unknown = sorted(set(splits) - set(SPLITS)) + sorted(set(levers) - set(LEVERS))
@@ -146,7 +161,6 @@ def main() -> None:
         learner = LearnerConfig(ratio=args.ratio, relearn_steps=2, rounds=4, user_steps=1,
                                 user_reset_every=2, batch_size=2)  # fmt: skip
         steps, args.seeds, args.samples = (2, 4), 1, 2
-    console = Console()
     started = time.perf_counter()
     record: dict[str, dict] = {}
     for split in splits:
@@ -169,15 +183,20 @@ def main() -> None:
                 trusted=trusted, config=config, workdir=root / "evaluate", combined=edited,
             )  # fmt: skip
             console.print(f"{split} / {lever}: {results[lever].reused} runs from the journal")
-        curves = split_curves(results, list(tasks))
-        record[split] = curves
+        record[split] = split_curves(results, list(tasks))
+    print_tables(console, record)
+    atomic.write_json(args.work_dir / "summary.json", record)
+    console.print(f"{time.perf_counter() - started:.0f} s; summary in {args.work_dir}/summary.json")
+
+
+def print_tables(console: Console, record: dict) -> None:
+    """Each split's table, then the mean and worst case over splits, then the targets."""
+    for split, curves in record.items():
         console.print(split_table(split, curves))
     if len(record) > 1:
         console.print(over_splits(record))
     if "embedded" in record:
         console.print(targets(record))
-    atomic.write_json(args.work_dir / "summary.json", record)
-    console.print(f"{time.perf_counter() - started:.0f} s; summary in {args.work_dir}/summary.json")
 
 
 def split_curves(results: dict[str, EvaluationResult], tasks: list[str]) -> dict:

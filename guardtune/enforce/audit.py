@@ -11,13 +11,20 @@ then reads the derivative without trusting it:
   that keeps every value (fp16 weights stored as fp32) is `lossless`, a rounding one is `cast`,
   which `--strict` refuses. Changed, missing and renamed tensors are listed with how much
   they moved. A tensor frozen in part (a schema 3 policy's rows) is judged by its frozen rows
-  alone, by their sha256-rows-v1 digest and, where that differs, value by value.
+  alone, by their sha256-rows-v1 digest and, where that differs, value by value. What a loader
+  might read instead is a violation too: a key in the UNet's namespace that is no base tensor
+  (a norm delta a LoRA loader applies, EMA weights), the UNet stored again under a second
+  naming, a pickle beside the pipeline.
 - LoRA files (diffusers/peft or kohya naming): every adapter key is mapped to the UNet module it
   adapts; adapting a frozen weight is a violation, and so is a key that cannot be mapped (the
   audit cannot prove it misses the frozen tensors, so it fails closed). On a tensor frozen in
   part, an adapter may only have an update that is zero on the frozen rows: its up tensor
   (lora_B / lora_up, whose rows are the output channels) and any full difference must be zero
-  there; an adapter that reaches every row at once (DoRA, LoHa, LoKr) is a violation.
+  there, and none of its tensors may hold inf or NaN (0 x inf is NaN); an adapter bias on a
+  module the base gives no bias reaches its weight's rows; an adapter that reaches every row at
+  once (DoRA, LoHa, LoKr) is a violation. Whole tensors in the file, in any naming, are audited
+  as full weights, and a key that is neither an adapter, a base tensor nor a text encoder's is
+  unmapped.
 - provenance (`guardtune-provenance.json` or the safetensors metadata `finetune` writes): if
   present it must name this base, this policy, its signer and the policy's frozen digests.
 
@@ -45,13 +52,14 @@ from guardtune.contract import (
 )
 from guardtune.enforce.freeze import frozen_unet_names
 from guardtune.enforce.keynames import (
+    TEXT_ENCODER_PREFIXES,
     ModuleIndex,
     diffusers_to_ldm_unet,
     is_lora_key,
     parse_lora_key,
 )
 from guardtune.errors import DataError, UsageError
-from guardtune.resolve import ModelSource, resolve_model, weight_sets
+from guardtune.resolve import PICKLE_SUFFIXES, ModelSource, resolve_model, weight_sets
 from guardtune.tensorfile import (
     SAFETENSORS_TO_TORCH,
     TensorRecord,
@@ -63,8 +71,11 @@ from guardtune.trust.fingerprint import hash_records, model_tensors, record_rows
 from guardtune.trust.policy import FrozenRows
 from guardtune.trust.verify import VerifiedPolicy, verify_policy
 
-# A bare UNet state dict (no component prefix) starts with one of these.
-_UNET_ROOTS = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "up_blocks.")
+# The original SD UNet's own top-level modules, under `model.diffusion_model.`.
+_LDM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "out", "label_emb")
+# Prefixes of components the policy does not cover (text encoders, VAE), in every naming.
+_OTHER_COMPONENTS = (*TEXT_ENCODER_PREFIXES, "vae.", "first_stage_model.", "cond_stage_model.",
+                     "conditioner.", "text_encoders.")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -216,11 +227,15 @@ def locate(path: Path) -> tuple[list[Derivative], list[Finding]]:
         label = unet / (f"weights ({variant})" if variant else "weights")
         artefacts.append(Derivative(label, "full", "diffusers", records, text, where))
     for folder in dict.fromkeys((path, model)):
-        for file in sorted(folder.glob("*.safetensors")):
-            if folder == unet:
-                continue  # the UNet folder's files are its weight sets, above
-            fallback = run_provenance if file.parent == path else None
-            artefacts.append(_single_file(file, fallback_provenance=fallback))
+        if folder == unet:
+            continue  # the UNet folder's files are its weight sets, above
+        for file in sorted(folder.iterdir()):
+            if file.name.endswith(PICKLE_SUFFIXES):  # load_lora_weights falls back to a .bin
+                findings.append(Finding("?", "unaccountable", "a pickle, which a loader may read "
+                                        "(audit reads only .safetensors)", str(file)))  # fmt: skip
+            elif file.suffix == ".safetensors":
+                fallback = run_provenance if file.parent == path else None
+                artefacts.append(_single_file(file, fallback_provenance=fallback))
     if not artefacts and not findings:
         raise DataError(
             f"{path} holds no UNet weights",
@@ -287,13 +302,8 @@ def _single_file(path: Path, fallback_provenance: Path | None = None) -> Derivat
         peft = any(not n.startswith(("lora_unet_", "lora_te")) for n in names)
         naming = "mixed" if kohya and peft else "kohya" if kohya else "peft/diffusers"
         return Derivative(path, "lora", naming, tuple(records), text, where)
-    if any(n.startswith(LDM_UNET_PREFIX) for n in names):
-        return Derivative(path, "full", "original-sd", tuple(records), text, where)
-    if not any(n.startswith("unet.") for n in names) and any(
-        n.startswith(_UNET_ROOTS) for n in names
-    ):
-        records = [renamed(r, f"unet.{r.name}") for r in records]  # a bare UNet state dict
-    return Derivative(path, "full", "diffusers", tuple(records), text, where)
+    naming = "original-sd" if any(n.startswith(LDM_UNET_PREFIX) for n in names) else "diffusers"
+    return Derivative(path, "full", naming, tuple(records), text, where)
 
 
 def _provenance_file(path: Path) -> tuple[str | None, str | None]:
@@ -308,24 +318,65 @@ def _provenance_file(path: Path) -> tuple[str | None, str | None]:
 # ----------------------------------------------------------------------------- full weights
 
 
-def _policy_names(
-    found: Derivative, base_records: dict[str, TensorRecord]
-) -> dict[str, TensorRecord]:
-    """The derivative's UNet tensors under the policy's names (original SD keys translated)."""
-    if found.naming != "original-sd":
-        return {r.name: r for r in found.records if r.name.startswith("unet.")}
-    to_diffusers = {
-        ldm: f"unet.{name}"
-        for name, ldm in diffusers_to_ldm_unet(
-            n.removeprefix("unet.") for n in base_records
-        ).items()
-    }
-    mapped = {}
-    for record in found.records:
-        if record.name.startswith(LDM_UNET_PREFIX):
-            name = to_diffusers.get(record.name.removeprefix(LDM_UNET_PREFIX), record.name)
-            mapped[name] = record
-    return mapped
+@dataclass(frozen=True)
+class UnetTensors:
+    """A file's tensors sorted by what the policy can say of them."""
+
+    tensors: dict[str, TensorRecord]  # policy name (`unet....`) -> the derivative's record
+    again: tuple[tuple[str, TensorRecord], ...]  # a base tensor stored a second time
+    unknown: tuple[TensorRecord, ...]  # in the UNet's namespace, but no tensor of the base
+    namings: tuple[str, ...]  # how the UNet's tensors are spelled (more than one: ambiguous)
+    other: int  # tensors of components the policy does not cover (text encoders, VAE)
+    foreign: tuple[TensorRecord, ...]  # in no namespace known here (e.g. schedule buffers)
+
+
+def unet_tensors(
+    records: Iterable[TensorRecord], base_records: dict[str, TensorRecord]
+) -> UnetTensors:
+    """Every UNet tensor under the policy's name, whatever the naming: diffusers (`unet.`),
+    original SD (`model.diffusion_model.`, or its bare UNet state dict as ComfyUI loads it) or a
+    bare diffusers state dict. A key in the UNet's namespace that names no base tensor is
+    `unknown`: a loader may still apply it."""
+    bare = {n.removeprefix("unet."): n for n in base_records}
+    roots = {n.split(".")[0] for n in bare}
+    to_diffusers = {ldm: f"unet.{name}" for name, ldm in diffusers_to_ldm_unet(bare).items()}
+    tensors: dict[str, TensorRecord] = {}
+    again: list[tuple[str, TensorRecord]] = []
+    unknown: list[TensorRecord] = []
+    foreign: list[TensorRecord] = []
+    namings: set[str] = set()
+    other = 0
+    for record in records:
+        name = record.name
+        root = name.split(".")[0]
+        if name.startswith(LDM_UNET_PREFIX):
+            naming, policy_name = "original-sd", to_diffusers.get(name[len(LDM_UNET_PREFIX) :])
+        elif root in _LDM_ROOTS:
+            naming, policy_name = "original-sd without prefix", to_diffusers.get(name)
+        elif name.startswith("unet."):
+            naming, policy_name = "diffusers", name if name in base_records else None
+        elif root in roots:
+            naming, policy_name = "diffusers without prefix", bare.get(name)
+        elif name.startswith(_OTHER_COMPONENTS):
+            other += 1
+            continue
+        elif name.startswith(("model_ema.", "lora")) or "unet" in name or "diffusion" in name:
+            # EMA weights a loader may use instead, adapter-like keys of other spellings
+            unknown.append(record)
+            continue
+        else:
+            foreign.append(record)
+            continue
+        if policy_name is None:
+            unknown.append(record)
+            continue
+        namings.add(naming)
+        if policy_name in tensors:
+            again.append((policy_name, record))
+        else:
+            tensors[policy_name] = record
+    return UnetTensors(tensors, tuple(again), tuple(unknown), tuple(sorted(namings)), other,
+                       tuple(foreign))  # fmt: skip
 
 
 def _audit_full(
@@ -336,10 +387,14 @@ def _audit_full(
     strict: bool,
     carried: bool = False,
 ) -> tuple[Counter[str], list[Finding]]:
-    derivative = _policy_names(found, base_records)
+    unet = unet_tensors(found.records, base_records)
+    derivative = unet.tensors
     expected = verified.policy.model["unet"].tensors
     counts: Counter[str] = Counter()
     violations: list[Finding] = []
+    if len(unet.namings) > 1:  # loaders differ in which spelling they read: both must pass
+        violations.append(Finding("?", "unaccountable", "the UNet's tensors are stored under "
+                                  f"more than one naming ({', '.join(unet.namings)})"))  # fmt: skip
     # Same dtype and shape: compare digests (zero-copy, in parallel); the rest value by value.
     direct = [
         renamed(derivative[n], n)
@@ -366,7 +421,7 @@ def _audit_full(
             violations.append(Finding(name, outcome, detail, key))
         else:
             counts[outcome] += 1
-    unexpected = [r for n, r in derivative.items() if n not in base_records]
+    unexpected = list(unet.unknown)
     for name in missing:
         violations.append(_missing(name, base_records[name], unexpected))
     for name, rows in sorted(verified.policy.frozen_rows.items()):
@@ -383,6 +438,23 @@ def _audit_full(
             violations.append(Finding(name, outcome, f"frozen rows: {detail}", key))
         else:
             counts[f"{outcome} (frozen rows)"] += 1
+    for name, record in unet.again:  # a second copy: a loader may read it instead
+        if name in frozen:
+            outcome, detail = compare_values(base_records[name], record)
+        elif name in verified.policy.frozen_rows:
+            rows = verified.policy.frozen_rows[name]
+            outcome, detail = _compare_rows(name, base_records[name], record, rows)
+        else:
+            continue
+        if outcome == "changed" or (outcome == "cast" and strict):
+            violations.append(Finding(name, outcome, f"second copy: {detail}", record.name))
+    explained = {v.key for v in violations if v.problem == "renamed"}
+    detail = "names no tensor of the base UNet, yet a loader may apply it (an adapter, EMA)"
+    violations += [
+        Finding("?", "unaccountable", detail, r.name)
+        for r in unet.unknown
+        if r.name not in explained
+    ]
     return counts, violations
 
 
@@ -473,7 +545,8 @@ def _missing(name: str, base: TensorRecord, unexpected: list[TensorRecord]) -> F
     same_shape = [r for r in unexpected if r.shape == base.shape]
     for candidate in same_shape:
         if compare_values(base, candidate)[0] in ("identical", "lossless", "cast"):
-            return Finding(name, "renamed", f"absent; its values are under {candidate.name}")
+            detail = f"absent; its values are under {candidate.name}"
+            return Finding(name, "renamed", detail, candidate.name)
     if same_shape:
         keys = ", ".join(r.name for r in same_shape[:3])
         return Finding(
@@ -513,6 +586,10 @@ def _audit_lora(
         else:
             adapted.add(parsed.module)
             target = f"unet.{parsed.module}.{parsed.parameter}"
+            if target not in base_records and parsed.parameter == "bias":
+                # An adapter bias (peft's lora_bias) on a module the base gives no bias is
+                # added to the module's output rows: the rows of its weight.
+                target = f"unet.{parsed.module}.weight"
             if target in frozen_set:
                 on_frozen.setdefault(target, []).append(record.name)
             elif target in frozen_rows:
@@ -532,10 +609,18 @@ def _audit_lora(
     ]
     if full_tensors:  # whole tensors in a LoRA file must respect the freeze like a full model
         extra = Derivative(found.path, "full", "diffusers", tuple(full_tensors), None, None)
-        present = sorted(frozen_set & set(_policy_names(extra, base_records)))
+        unet = unet_tensors(full_tensors, base_records)
+        present = sorted(frozen_set & set(unet.tensors))
         _, full_violations = _audit_full(extra, present, verified, base_records, strict, True)
-        violations += full_violations
+        violations += [v for v in full_violations if v.problem != "unaccountable" or v.key is None]
+        # A key no adapter format names and no base tensor is: what would a loader do with it?
+        violations += [
+            Finding("?", "unmapped", "neither an adapter nor a tensor of the base", r.name)
+            for r in (*unet.unknown, *unet.foreign)
+        ]
         counts["whole frozen tensors carried"] += len(present)
+        if unet.other:
+            counts["text encoder keys (not covered)"] += unet.other
     counts["adapted modules"] = len(adapted)
     return counts, violations
 
@@ -544,20 +629,24 @@ def _lora_rows(target: str, record: TensorRecord, role: str, rows: FrozenRows) -
     """A finding if an adapter tensor can change the frozen rows of `target`, else None.
 
     The update of a LoRA pair is up @ down, so its row r is zero when row r of the up tensor
-    is: the up tensor (and a full difference) must be exactly zero on every frozen row.
+    is: the up tensor (and a full difference) must be exactly zero on every frozen row, and no
+    tensor of the adapter may hold inf or NaN (0 x inf is NaN, on a frozen row as on any).
     """
-    if role in ("down", "scalar"):
-        return None  # reaches the rows only through the up tensor, which is checked itself
     if role == "other":
         return Finding(target, "lora-on-frozen-rows", "this adapter type changes every output "
                        "row at once, so it cannot leave the frozen rows", record.name)  # fmt: skip
-    if SAFETENSORS_TO_TORCH.get(record.dtype) is None or not record.shape:
+    if SAFETENSORS_TO_TORCH.get(record.dtype) is None or (role != "scalar" and not record.shape):
         return Finding(target, "lora-on-frozen-rows", f"unreadable {record.dtype} tensor "
                        f"{list(record.shape)}", record.name)  # fmt: skip
+    values = load_record(record)
+    if not torch.isfinite(values).all():  # merged, 0 x inf is NaN: on the frozen rows too
+        return Finding(target, "lora-on-frozen-rows", "holds inf or NaN values, which reach "
+                       "every output row", record.name)  # fmt: skip
+    if role in ("down", "scalar"):
+        return None  # reaches the rows only through the up tensor, which is checked itself
     if record.shape[0] != rows.height:
         return Finding(target, "lora-on-frozen-rows", f"{record.shape[0]} output rows where the "
                        f"tensor has {rows.height}", record.name)  # fmt: skip
-    values = load_record(record)
     touched = sum(
         int((values[start:stop].reshape(stop - start, -1) != 0).any(dim=1).sum())
         for start, stop in rows.ranges

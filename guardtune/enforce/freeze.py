@@ -151,7 +151,7 @@ def lora_row_hold(unet: nn.Module, rows: dict[str, Ranges]) -> RowHold:
     held: dict[str, Ranges] = {}
     for name, ranges in rows.items():
         if not name.endswith(".weight"):
-            continue  # LoRA adapts weights only; a frozen bias row is never touched by it
+            continue  # our adapters carry no bias (peft's lora_bias is off): bias rows stay
         module = name.removesuffix(".weight")
         adapters = [n for n in parameters if n.startswith(f"{module}.lora_")]
         for adapter in adapters:

@@ -327,3 +327,66 @@ def test_a_provenance_record_that_is_no_regular_file_is_refused_unread(setup, tm
     os.mkfifo(derivative / PROVENANCE_FILE)  # reading it would block forever
     result, _ = _audit(setup, derivative)
     assert result.exit_code == 3 and "is not a regular file" in combined_output(result)
+
+
+def _violations(report) -> list[tuple[str, str]]:
+    return sorted((v["problem"], v["key"] or v["tensor"]) for v in report["violations"])
+
+
+def test_full_weights_in_a_file_with_an_adapter_key_are_audited_in_any_naming(setup, tmp_path):
+    state = load_file(str(setup["unet_file"]))
+    name = FROZEN[0].removeprefix("unet.")
+    state[name] = state[name] + 1.0
+    to_ldm = diffusers_to_ldm_unet(state)
+    for label, tensors in {
+        "original": {LDM_UNET_PREFIX + to_ldm[k]: v for k, v in state.items()},
+        "bare": dict(state),
+    }.items():
+        # One LoRA-looking key must not turn a checkpoint into a LoRA whose weights go unread.
+        tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"] = torch.tensor(1.0)
+        path = tmp_path / f"{label}.safetensors"
+        save_file(tensors, str(path))
+        result, report = _audit(setup, path)
+        assert result.exit_code == 7 and _problems(report) == {FROZEN[0]: "changed"}, label
+
+
+def test_a_checkpoint_holding_the_unet_under_two_namings_is_unaccountable(setup, tmp_path):
+    state = load_file(str(setup["unet_file"]))
+    to_ldm = diffusers_to_ldm_unet(state)
+    tensors = {LDM_UNET_PREFIX + to_ldm[k]: v for k, v in state.items()}
+    tensors[FROZEN[0]] = state[FROZEN[0].removeprefix("unet.")] + 1.0  # a second copy, changed
+    path = tmp_path / "two.safetensors"
+    save_file(tensors, str(path))
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7
+    assert _problems(report) == {"?": "unaccountable", FROZEN[0]: "changed"}
+
+
+def test_keys_a_loader_may_apply_that_name_no_base_tensor_are_violations(setup, tmp_path):
+    norm = "down_blocks.1.resnets.0.norm1"
+    lora = load_file(str(setup["root"] / "lora" / LORA_FILE))
+    extra = {
+        f"unet.{norm}.w_norm": torch.ones(32),  # ComfyUI adds these to the norm's weight
+        f"{norm}.b_norm": torch.ones(32),
+        "lora_prior_unet_input_blocks_3_0_in_layers_0.w_norm": torch.ones(32),
+    }
+    path = tmp_path / "lora.safetensors"
+    save_file({**lora, **extra}, str(path))
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7
+    assert _violations(report) == sorted(("unmapped", k) for k in extra)
+    # The same keys beside full weights: a LoRA loader handed the file would apply them.
+    state = load_file(str(setup["unet_file"]))
+    save_file({**state, f"{norm}.w_norm": torch.ones(32)}, str(path))
+    result, report = _audit(setup, path)
+    assert result.exit_code == 7
+    assert _violations(report) == [("unaccountable", f"{norm}.w_norm")]
+
+
+def test_a_pickle_beside_the_pipeline_is_unaccountable(setup, tmp_path):
+    derivative = _unet_copy(setup, tmp_path, lambda state: None)
+    # diffusers' load_lora_weights(folder) falls back to reading this pickle
+    (derivative / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04N.")
+    result, report = _audit(setup, derivative)
+    assert result.exit_code == 7 and _problems(report) == {"?": "unaccountable"}
+    assert report["violations"][0]["key"].endswith("pytorch_lora_weights.bin")

@@ -278,3 +278,37 @@ def test_freezing_counts_held_rows_and_refuses_rows_past_the_tensor(setup):
     )
     with pytest.raises(PolicyError, match="past its 4 rows"):
         freeze_for_training(unet, set(), rows={"conv_out.bias": ((2, 6),)})
+
+
+def test_adapters_reaching_frozen_rows_through_non_finite_values_or_a_bias_are_violations(
+    setup, tmp_path
+):
+    adapters = load_file(str(setup["root"] / "lora" / LORA_FILE))
+    (up,) = [k for k in adapters if TO_Q in k and ("lora_B" in k or "lora.up" in k)]
+    (down,) = [k for k in adapters if TO_Q in k and ("lora_A" in k or "lora.down" in k)]
+    stem = up[: up.index(TO_Q) + len(TO_Q)]
+    frozen = [r for a, b in ROWS[f"unet.{TO_Q}.weight"] for r in range(a, b)]
+    bias = torch.full((adapters[up].shape[0],), 0.5)
+
+    def audited(name: str, edit) -> dict:
+        edited = dict(adapters)
+        edit(edited)
+        path = tmp_path / f"{name}.safetensors"
+        save_file(edited, str(path))
+        result, report = _audit(setup, path)
+        assert result.exit_code == 7, name
+        return {v["tensor"]: v["problem"] for v in report["violations"]}
+
+    # up is zero on the frozen rows, but 0 x inf is NaN: merged, the frozen rows become NaN.
+    expected = {f"unet.{TO_Q}.weight": "lora-on-frozen-rows"}
+    poisoned = adapters[down].clone()
+    poisoned[0, 0] = float("inf")
+    assert audited("down-inf", lambda d: d.update({down: poisoned})) == expected
+    assert audited("alpha-nan", lambda d: d.update({f"{stem}.alpha": torch.tensor(float("nan"))}))
+    # peft's lora_bias adds B's bias to every output row of a module the base gives no bias.
+    assert audited("bias", lambda d: d.update({f"{stem}.lora_B.bias": bias})) == expected
+    bias[frozen] = 0  # zero on the frozen rows: as clear of them as up itself
+    clear = dict(adapters, **{f"{stem}.lora_B.bias": bias})
+    save_file(clear, str(tmp_path / "clear.safetensors"))
+    result, _ = _audit(setup, tmp_path / "clear.safetensors")
+    assert result.exit_code == 0, combined_output(result)
