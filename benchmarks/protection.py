@@ -319,6 +319,9 @@ def targets(record: dict) -> Table:
                     if step in at:
                         gaps.append(bound - TARGETS["slack"] - c["mitigation"][at[step]])
                 gaps.append(max(c["style_impact"]) - TARGETS["style"] - TARGETS["slack"])
+                later_new = [v for s, v in zip(steps, c["new_impact"], strict=True) if s >= 100]
+                if later_new:
+                    gaps.append(max(later_new) - TARGETS["new"] - TARGETS["slack"])
             cells.append("met" if max(gaps) <= 0 else f"missed by {100 * max(gaps):.0f}")
         else:
             cells.append("n/a")
