@@ -385,9 +385,22 @@ def _audit_full(
     verified: VerifiedPolicy,
     base_records: dict[str, TensorRecord],
     strict: bool,
-    carried: bool = False,
 ) -> tuple[Counter[str], list[Finding]]:
     unet = unet_tensors(found.records, base_records)
+    return _audit_unet(unet, frozen, verified, base_records, strict, carried=False)
+
+
+def _audit_unet(
+    unet: UnetTensors,
+    frozen: list[str],
+    verified: VerifiedPolicy,
+    base_records: dict[str, TensorRecord],
+    strict: bool,
+    carried: bool,
+) -> tuple[Counter[str], list[Finding]]:
+    """The frozen tensors and rows of a file's UNet tensors against the base. `carried`: they
+    are whole tensors beside a LoRA's adapters, which need not be all there, and whose keys that
+    name no base tensor the LoRA audit reports itself."""
     derivative = unet.tensors
     expected = verified.policy.model["unet"].tensors
     counts: Counter[str] = Counter()
@@ -448,6 +461,8 @@ def _audit_full(
             continue
         if outcome == "changed" or (outcome == "cast" and strict):
             violations.append(Finding(name, outcome, f"second copy: {detail}", record.name))
+    if carried:
+        return counts, violations
     explained = {v.key for v in violations if v.problem == "renamed"}
     detail = "names no tensor of the base UNet, yet a loader may apply it (an adapter, EMA)"
     violations += [
@@ -608,11 +623,9 @@ def _audit_lora(
         for key in unmapped
     ]
     if full_tensors:  # whole tensors in a LoRA file must respect the freeze like a full model
-        extra = Derivative(found.path, "full", "diffusers", tuple(full_tensors), None, None)
         unet = unet_tensors(full_tensors, base_records)
         present = sorted(frozen_set & set(unet.tensors))
-        _, full_violations = _audit_full(extra, present, verified, base_records, strict, True)
-        violations += [v for v in full_violations if v.problem != "unaccountable" or v.key is None]
+        violations += _audit_unet(unet, present, verified, base_records, strict, carried=True)[1]
         # A key no adapter format names and no base tensor is: what would a loader do with it?
         violations += [
             Finding("?", "unmapped", "neither an adapter nor a tensor of the base", r.name)
