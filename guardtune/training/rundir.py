@@ -8,10 +8,19 @@ a finished run, or checkpoints of an unfinished one, is continued only with `--r
 run is overwritten by accident. Staging files and folders that a killed run left behind (the
 `.NAME.XXXX.tmp` siblings of `guardtune.atomic`) are removed when a run claims the folder, and
 the result names them.
+
+Two runs must never share a folder: the second would remove the first's staging files and
+both would write the same checkpoints. So a claim also takes an exclusive lock on
+`.guardtune-run.lock` in the folder, held until the run ends (the kernel drops it when a
+process dies, so a killed run leaves no stale lock), and checks the folder again under it. A
+run that finds the lock taken stops before it loads anything. Runs in one process follow one
+another: a lock this process still holds is a run that ended by an exception, and the next
+claim takes it over. Where the platform has no `fcntl` (Windows) folders are not locked.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass, replace
@@ -22,9 +31,15 @@ from guardtune.contract import PROVENANCE_FILE
 from guardtune.errors import DataError
 from guardtune.training.checkpoint import list_checkpoints
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks there, and folders are not locked
+    fcntl = None  # type: ignore[assignment]
+
 RUN_MARK = "guardtune-run.json"
 # The effective options of the run, in the form `--config` reads, so it can be repeated.
 RUN_CONFIG = "run.toml"
+RUN_LOCK = ".guardtune-run.lock"
 CHECKPOINTS = "checkpoints"
 # What guardtune.atomic stages beside a target: `.{name}.{random}.tmp`, and `.old` once retired.
 _STAGING = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp(\.old)?$")
@@ -59,6 +74,8 @@ def check_run_folder(out: Path, resume: str | None, main_process: bool = True) -
         raise DataError(
             f"output folder {out} holds files guardtune did not write", hint="choose a new --out"
         )
+    if _locked_elsewhere(out):
+        raise _in_use(out)
     if resume is not None:
         return RunFolder(out, "resume")
     if (out / PROVENANCE_FILE).exists():
@@ -76,13 +93,87 @@ def check_run_folder(out: Path, resume: str | None, main_process: bool = True) -
 
 
 def claim(folder: RunFolder) -> RunFolder:
-    """Mark a checked folder as this run's and remove what a killed run left half-written."""
+    """Mark a checked folder as this run's, lock it, and remove what a killed run left
+    half-written. DataError if another run holds the folder, or took it since the check."""
     if not folder.main_process:
         return folder
     if folder.state == "new":
+        # Marked before it is locked: two new runs racing here write the same mark, and the
+        # lock then admits one of them.
         atomic.write_json(folder.path / RUN_MARK, {"tool": f"guardtune {__version__}"})
+    _lock(folder.path)
+    # What the folder holds now, under the lock: another run may have written checkpoints
+    # or finished there while this one was loading. A new folder is now marked, which is all
+    # a restart finds, so "new" and "restart" agree.
+    try:
+        check_run_folder(folder.path, "latest" if folder.state == "resume" else None)
+    except DataError:
+        release(folder)
+        raise
+    if folder.state == "new":
         return folder
     return replace(folder, removed=_remove_staging(folder.path))
+
+
+def release(folder: RunFolder) -> None:
+    """Unlock the folder at the end of a run (a process's exit does so too)."""
+    fd = _HELD.pop(_key(folder.path), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor of the lock file drops the lock
+
+
+# Locks this process holds: folder -> descriptor of its lock file.
+_HELD: dict[str, int] = {}
+
+
+def _key(out: Path) -> str:
+    return os.path.realpath(out)
+
+
+def _in_use(out: Path) -> DataError:
+    return DataError(
+        f"output folder {out} is in use by another guardtune run",
+        hint="wait for that run to end, or choose a new --out",
+    )
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _locked_elsewhere(out: Path) -> bool:
+    """Whether another process holds the folder's lock; opens the lock file only if it exists
+    (a check writes nothing) and drops the probe's lock at once."""
+    if fcntl is None or _key(out) in _HELD:
+        return False
+    try:
+        fd = os.open(out / RUN_LOCK, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    except OSError as error:  # a link or a folder in its place: not ours to open
+        raise DataError(f"output folder {out} has an unusable {RUN_LOCK}: {error}") from None
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
+
+
+def _lock(out: Path) -> None:
+    if fcntl is None:
+        return
+    release(RunFolder(out, "resume"))  # a run of this process that ended by an exception
+    try:
+        fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as error:
+        raise DataError(f"output folder {out} has an unusable {RUN_LOCK}: {error}") from None
+    if not _try_lock(fd):
+        os.close(fd)
+        raise _in_use(out)
+    _HELD[_key(out)] = fd
 
 
 def _remove_staging(out: Path) -> tuple[str, ...]:

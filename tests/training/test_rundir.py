@@ -3,13 +3,22 @@ run, continues an unfinished one only with --resume, and cleans what a killed ru
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
 from guardtune.contract import PROVENANCE_FILE
 from guardtune.errors import DataError
-from guardtune.training.rundir import RUN_MARK, check_run_folder, claim
+from guardtune.training.rundir import (
+    RUN_LOCK,
+    RUN_MARK,
+    RunFolder,
+    check_run_folder,
+    claim,
+    fcntl,
+    release,
+)
 
 
 def _claim(out, resume=None):
@@ -91,3 +100,57 @@ def test_what_a_killed_run_left_half_written_is_removed_and_named(tmp_path):
 def test_other_processes_of_a_launch_leave_the_folder_to_the_main_one(tmp_path):
     folder = claim(check_run_folder(tmp_path / "run", resume=None, main_process=False))
     assert folder.state == "new" and not (tmp_path / "run").exists()
+
+
+def _held_by_another_process(out):
+    """A lock as another run holds it: its own open file description (flock locks conflict
+    between descriptions even within one process)."""
+    fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+@pytest.mark.skipif(fcntl is None, reason="no advisory locks on this platform")
+def test_a_folder_another_run_is_training_in_is_refused_before_anything_is_removed(tmp_path):
+    out = tmp_path / "run"
+    release(_claim(out))
+    staging = out / "checkpoints" / ".step-000010.ab12cd.tmp"  # the other run's, mid-write
+    staging.mkdir(parents=True)
+    other = _held_by_another_process(out)
+    try:
+        message = f"output folder {out} is in use by another guardtune run"
+        with pytest.raises(DataError, match=re.escape(message)):
+            check_run_folder(out, resume="latest")
+        # Checked before the other run locked, claimed after: the claim refuses too.
+        folder = RunFolder(out, "resume")
+        with pytest.raises(DataError, match=re.escape(message)):
+            claim(folder)
+        assert staging.is_dir()
+    finally:
+        os.close(other)
+    assert _claim(out, resume="latest").removed == ("checkpoints/.step-000010.ab12cd.tmp",)
+
+
+@pytest.mark.skipif(fcntl is None, reason="no advisory locks on this platform")
+def test_a_run_that_took_the_folder_while_this_one_loaded_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    checked = check_run_folder(out, resume=None)  # new: nothing there yet
+    release(_claim(out))  # another run claims, trains, checkpoints and is killed
+    (out / "checkpoints" / "step-000004").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"unfinished run \(checkpoint step-000004\)"):
+        claim(checked)
+    assert (out / "checkpoints" / "step-000004").is_dir()
+
+
+@pytest.mark.skipif(fcntl is None, reason="no advisory locks on this platform")
+def test_a_run_ended_by_an_exception_in_this_process_leaves_the_folder_usable(tmp_path):
+    out = tmp_path / "run"
+    _claim(out)  # never released, as when training raises in-process
+    assert _claim(out, resume="latest").state == "resume"
+    other = os.open(out / RUN_LOCK, os.O_RDWR)
+    try:  # and the folder is locked against other processes meanwhile
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+    release(RunFolder(out, "resume"))
