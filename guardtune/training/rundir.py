@@ -20,6 +20,7 @@ claim takes it over. Where the platform has no `fcntl` (Windows) folders are not
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -117,9 +118,7 @@ def claim(folder: RunFolder) -> RunFolder:
 
 def release(folder: RunFolder) -> None:
     """Unlock the folder at the end of a run (a process's exit does so too)."""
-    fd = _HELD.pop(_key(folder.path), None)
-    if fd is not None:
-        os.close(fd)  # closing the only descriptor of the lock file drops the lock
+    _unlock(folder.path)
 
 
 # Locks this process holds: folder -> descriptor of its lock file.
@@ -130,6 +129,12 @@ def _key(out: Path) -> str:
     return os.path.realpath(out)
 
 
+def _unlock(out: Path) -> None:
+    fd = _HELD.pop(_key(out), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor of the lock file drops the lock
+
+
 def _in_use(out: Path) -> DataError:
     return DataError(
         f"output folder {out} is in use by another guardtune run",
@@ -138,10 +143,15 @@ def _in_use(out: Path) -> DataError:
 
 
 def _try_lock(fd: int) -> bool:
+    """False if another open lock file holds the lock. A file system without locks (some
+    network mounts) leaves the folder unlocked, as on Windows, rather than stop every run."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
     return True
 
 
@@ -152,7 +162,7 @@ def _locked_elsewhere(out: Path) -> bool:
         return False
     try:
         fd = os.open(out / RUN_LOCK, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         return False
     except OSError as error:  # a link or a folder in its place: not ours to open
         raise DataError(f"output folder {out} has an unusable {RUN_LOCK}: {error}") from None
@@ -165,7 +175,7 @@ def _locked_elsewhere(out: Path) -> bool:
 def _lock(out: Path) -> None:
     if fcntl is None:
         return
-    release(RunFolder(out, "resume"))  # a run of this process that ended by an exception
+    _unlock(out)  # held by a run of this process that ended by an exception
     try:
         fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as error:

@@ -154,3 +154,14 @@ def test_a_run_ended_by_an_exception_in_this_process_leaves_the_folder_usable(tm
     finally:
         os.close(other)
     release(RunFolder(out, "resume"))
+
+
+@pytest.mark.skipif(fcntl is None, reason="no advisory locks on this platform")
+def test_a_lock_file_that_is_a_link_stops_the_run(tmp_path):
+    out = tmp_path / "run"
+    release(_claim(out))
+    (out / RUN_LOCK).unlink()
+    (out / RUN_LOCK).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=re.escape(f"output folder {out} has an unusable")):
+        check_run_folder(out, resume=None)
+    assert not (tmp_path / "elsewhere").exists()
