@@ -12,7 +12,7 @@ A lever is a way to make a policy, each learned and signed with `guardtune.publi
 - horizon: the simulated user's restarts and losses taken along a 400-step attack;
 - combined: UCE on the illegal prompts first, then the mask on the edited model (its own
   published folder);
-- channel+horizon, combined-channel: the levers together.
+- channel+horizon, combined-channel, combined+horizon: the levers together.
 `guardtune.evaluate` then runs the same simulated user on every task under full fine-tuning,
 random-p (at p), UCE and each lever's policy, 3 seeds, and scores samples with the digit
 scorer: illegal by recognisability, legal by quality (the right digit, in the style the real
@@ -87,6 +87,7 @@ LEVERS = {  # lever -> (publish method, learner settings beyond p)
     "channel+horizon": ("freezeasguard", {"granularity": "channel", "horizon": HORIZON}),
     "combined": (COMBINED, {}),
     "combined-channel": (COMBINED, {"granularity": "channel"}),
+    "combined+horizon": (COMBINED, {"horizon": HORIZON}),
 }
 BASELINES = ("full", "random", "uce")
 # The targets on the embedded split: mitigation at 200 and 400 steps, legal impact on
