@@ -39,7 +39,7 @@ from guardtune.resolve import ModelSource, resolve_model
 from guardtune.rowranges import Ranges
 from guardtune.training.encode import EncodedData, data_digest
 from guardtune.training.progress import track
-from guardtune.training.rundir import RUN_CONFIG
+from guardtune.training.rundir import RUN_CONFIG, lock_folder, unlock_folder
 from guardtune.trust.build import sign_policy
 from guardtune.trust.fingerprint import fingerprint_model
 from guardtune.trust.policy import Provenance
@@ -215,7 +215,10 @@ def publish(
         # What a checkpoint must match besides the config: these weights and this data.
         model_root = fingerprint_model(source, ("unet",))["unet"].root
         data_key = "/".join((model_root, data_digest(illegal_scan), data_digest(legal_scan)))
+        if is_main_process():  # two runs in one work folder would write the same checkpoints
+            lock_folder(workdir, "work folder", "--work-dir")
         if not resume and (workdir / "state.json").exists():
+            unlock_folder(workdir)
             raise DataError(
                 f"{workdir} holds an earlier run",
                 hint="pass --resume to continue it, or --work-dir for a fresh one",
@@ -246,6 +249,7 @@ def publish(
                             "history": [dataclasses.asdict(h) for h in history]})  # fmt: skip
     if workdir is not None:
         (workdir / "relearned.safetensors").unlink(missing_ok=True)  # two model copies of disk
+        unlock_folder(workdir)
     curve = None
     if history:
         curve = target.with_name(target.stem + ".curve.png")

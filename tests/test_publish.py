@@ -1,5 +1,6 @@
 """`guardtune publish`: a learned or random policy that verify accepts and finetune enforces."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from guardtune.learn.freezeasguard import LearnerConfig
 from guardtune.publish import publish
 from guardtune.training.config import TrainConfig
 from guardtune.training.finetune import finetune
+from guardtune.training.rundir import RUN_LOCK
 from guardtune.trust.signing import generate_key, public_pem
 from tests.conftest import combined_output
 from tests.policy_helpers import copy_model
@@ -113,6 +115,17 @@ def test_a_second_run_needs_resume_and_resume_re_signs_the_same_mask(runner, fol
     assert first.exit_code == 0, combined_output(first)
     again = runner.invoke(app, args)
     assert again.exit_code == 3 and "--resume" in combined_output(again)
+    # While another run holds the work folder, a resume into it is refused.
+    workdir = tmp_path / "runs" / "publish" / "model"
+    other = os.open(workdir / RUN_LOCK, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        busy = runner.invoke(app, [*args, "--resume"])
+    finally:
+        os.close(other)
+    assert busy.exit_code == 3
+    message = "work folder runs/publish/model is in use by another guardtune run"
+    assert message in combined_output(busy)
     resumed = runner.invoke(app, [*args, "--resume", "--json", str(tmp_path / "second.json")])
     assert resumed.exit_code == 0, combined_output(resumed)
     logs = [json.loads(Path(json.loads((tmp_path / f).read_text())["log"]).read_text())

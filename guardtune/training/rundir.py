@@ -16,6 +16,7 @@ process dies, so a killed run leaves no stale lock), and checks the folder again
 run that finds the lock taken stops before it loads anything. Runs in one process follow one
 another: a lock this process still holds is a run that ended by an exception, and the next
 claim takes it over. Where the platform has no `fcntl` (Windows) folders are not locked.
+`publish` locks its work folder with the same `lock_folder`.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def claim(folder: RunFolder) -> RunFolder:
         # Marked before it is locked: two new runs racing here write the same mark, and the
         # lock then admits one of them.
         atomic.write_json(folder.path / RUN_MARK, {"tool": f"guardtune {__version__}"})
-    _lock(folder.path)
+    lock_folder(folder.path)
     # What the folder holds now, under the lock: another run may have written checkpoints
     # or finished there while this one was loading. A new folder is now marked, which is all
     # a restart finds, so "new" and "restart" agree.
@@ -135,10 +136,10 @@ def _unlock(out: Path) -> None:
         os.close(fd)  # closing the only descriptor of the lock file drops the lock
 
 
-def _in_use(out: Path) -> DataError:
+def _in_use(out: Path, what: str = "output folder", option: str = "--out") -> DataError:
     return DataError(
-        f"output folder {out} is in use by another guardtune run",
-        hint="wait for that run to end, or choose a new --out",
+        f"{what} {out} is in use by another guardtune run",
+        hint=f"wait for that run to end, or choose a new {option}",
     )
 
 
@@ -172,18 +173,26 @@ def _locked_elsewhere(out: Path) -> bool:
         os.close(fd)  # releases the probe's lock, if it got one
 
 
-def _lock(out: Path) -> None:
+def lock_folder(out: Path, what: str = "output folder", option: str = "--out") -> None:
+    """Lock a folder a run writes into (creating it) until `unlock_folder` or the process's
+    end; DataError if another run holds it. `what` and `option` name it in the error."""
     if fcntl is None:
         return
     _unlock(out)  # held by a run of this process that ended by an exception
+    Path(out).mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as error:
-        raise DataError(f"output folder {out} has an unusable {RUN_LOCK}: {error}") from None
+        raise DataError(f"{what} {out} has an unusable {RUN_LOCK}: {error}") from None
     if not _try_lock(fd):
         os.close(fd)
-        raise _in_use(out)
+        raise _in_use(out, what, option)
     _HELD[_key(out)] = fd
+
+
+def unlock_folder(out: Path) -> None:
+    """Drop a lock `lock_folder` took."""
+    _unlock(out)
 
 
 def _remove_staging(out: Path) -> tuple[str, ...]:
