@@ -67,7 +67,7 @@ from guardtune.training.loss import diffusion_loss
 from guardtune.training.memory import peak_memory_bytes
 from guardtune.training.order import BucketOrder, EpochOrder, batch_number, bucket_sizes
 from guardtune.training.progress import console, track
-from guardtune.training.rundir import RUN_CONFIG, check_run_folder, claim, release
+from guardtune.training.rundir import RUN_CONFIG, check_run_folder, claim, unlock_folder
 from guardtune.training.savings import SavingsReport, measure_savings
 from guardtune.trust.fingerprint import model_tensors
 from guardtune.trust.verify import VerifiedPolicy, verify_policy
@@ -364,7 +364,7 @@ def finetune(
         log.write(out)
         exported = save_run_as(out, save_as)
     accelerator.wait_for_everyone()
-    release(run_folder)  # the folder holds a finished run now
+    unlock_folder(out)  # the folder holds a finished run now
 
     # Compare: the same run with nothing frozen, each in a fresh process.
     savings, savings_missing = None, None

@@ -45,6 +45,8 @@ RUN_LOCK = ".guardtune-run.lock"
 CHECKPOINTS = "checkpoints"
 # What guardtune.atomic stages beside a target: `.{name}.{random}.tmp`, and `.old` once retired.
 _STAGING = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp(\.old)?$")
+# Locks this process holds: folder (resolved) -> descriptor of its lock file.
+_HELD: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -110,30 +112,15 @@ def claim(folder: RunFolder) -> RunFolder:
     try:
         check_run_folder(folder.path, "latest" if folder.state == "resume" else None)
     except DataError:
-        release(folder)
+        unlock_folder(folder.path)
         raise
     if folder.state == "new":
         return folder
     return replace(folder, removed=_remove_staging(folder.path))
 
 
-def release(folder: RunFolder) -> None:
-    """Unlock the folder at the end of a run (a process's exit does so too)."""
-    _unlock(folder.path)
-
-
-# Locks this process holds: folder -> descriptor of its lock file.
-_HELD: dict[str, int] = {}
-
-
 def _key(out: Path) -> str:
     return os.path.realpath(out)
-
-
-def _unlock(out: Path) -> None:
-    fd = _HELD.pop(_key(out), None)
-    if fd is not None:
-        os.close(fd)  # closing the only descriptor of the lock file drops the lock
 
 
 def _in_use(out: Path, what: str = "output folder", option: str = "--out") -> DataError:
@@ -178,7 +165,7 @@ def lock_folder(out: Path, what: str = "output folder", option: str = "--out") -
     end; DataError if another run holds it. `what` and `option` name it in the error."""
     if fcntl is None:
         return
-    _unlock(out)  # held by a run of this process that ended by an exception
+    unlock_folder(out)  # held by a run of this process that ended by an exception
     Path(out).mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -191,8 +178,10 @@ def lock_folder(out: Path, what: str = "output folder", option: str = "--out") -
 
 
 def unlock_folder(out: Path) -> None:
-    """Drop a lock `lock_folder` took."""
-    _unlock(out)
+    """Drop a lock `lock_folder` took, at the end of a run (a process's exit does so too)."""
+    fd = _HELD.pop(_key(out), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor of the lock file drops the lock
 
 
 def _remove_staging(out: Path) -> tuple[str, ...]:

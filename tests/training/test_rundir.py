@@ -17,7 +17,7 @@ from guardtune.training.rundir import (
     check_run_folder,
     claim,
     fcntl,
-    release,
+    unlock_folder,
 )
 
 
@@ -113,7 +113,7 @@ def _held_by_another_process(out):
 @pytest.mark.skipif(fcntl is None, reason="no advisory locks on this platform")
 def test_a_folder_another_run_is_training_in_is_refused_before_anything_is_removed(tmp_path):
     out = tmp_path / "run"
-    release(_claim(out))
+    unlock_folder(_claim(out).path)
     staging = out / "checkpoints" / ".step-000010.ab12cd.tmp"  # the other run's, mid-write
     staging.mkdir(parents=True)
     other = _held_by_another_process(out)
@@ -135,7 +135,7 @@ def test_a_folder_another_run_is_training_in_is_refused_before_anything_is_remov
 def test_a_run_that_took_the_folder_while_this_one_loaded_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     checked = check_run_folder(out, resume=None)  # new: nothing there yet
-    release(_claim(out))  # another run claims, trains, checkpoints and is killed
+    unlock_folder(_claim(out).path)  # another run claims, trains, checkpoints and is killed
     (out / "checkpoints" / "step-000004").mkdir(parents=True)
     with pytest.raises(DataError, match=r"unfinished run \(checkpoint step-000004\)"):
         claim(checked)
@@ -153,13 +153,13 @@ def test_a_run_ended_by_an_exception_in_this_process_leaves_the_folder_usable(tm
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(other)
-    release(RunFolder(out, "resume"))
+    unlock_folder(out)
 
 
 @pytest.mark.skipif(fcntl is None, reason="no advisory locks on this platform")
 def test_a_lock_file_that_is_a_link_stops_the_run(tmp_path):
     out = tmp_path / "run"
-    release(_claim(out))
+    unlock_folder(_claim(out).path)
     (out / RUN_LOCK).unlink()
     (out / RUN_LOCK).symlink_to(tmp_path / "elsewhere")
     with pytest.raises(DataError, match=re.escape(f"output folder {out} has an unusable")):
